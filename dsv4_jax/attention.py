@@ -1,0 +1,136 @@
+"""DeepSeek-V4 attention (ARCHITECTURE.md §5): q-LoRA queries, one shared K=V head
+(MQA, head dim 512 with RoPE on the last 64), a per-head sink, and a grouped low-rank
+output projection; plus, per layer kind, compressed entries (CSA: top-k chosen by the
+lightning indexer; HCA: every visible entry).
+
+The core is one softmax per (query, head) over the union of *key segments* and the
+sink logit. A segment is either shared by all queries of a sequence (keys [B,S,K]
+with a visibility mask [B,T,S]: the window rows, HCA entries) or gathered per query
+(keys [B,T,k,K] with validity [B,T,k]: CSA's top-k rows). The same core serves the
+full forward here and the incremental state path.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax import compressor, indexer, ops
+from dsv4_jax.config import Config
+
+F32 = jnp.float32
+
+
+class Segment(NamedTuple):
+    """Keys (= values) and which of them each query may see.
+
+    ``keys``: [B,S,K] shared by the sequence's queries, or [B,T,k,K] per query.
+    ``mask``: bool[B,T,S] or bool[B,T,k] respectively.
+    """
+
+    keys: jax.Array
+    mask: jax.Array
+
+
+def attend(q: jax.Array, segments: list[Segment], sink: jax.Array) -> jax.Array:
+    """``o = Σ_j softmax_j(q·kv_j/√K ‖ sink)·kv_j`` over all segments (§5.1): [B,T,H,K].
+
+    The sink is an extra logit per head whose value is zero: it only enlarges the
+    denominator. Logits and softmax in fp32.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits, values = [], []
+    for seg in segments:
+        if seg.keys.ndim == 3:  # shared keys [B,S,K]
+            s = jnp.einsum("bthk,bsk->bths", q, seg.keys.astype(q.dtype), preferred_element_type=F32)
+        else:  # per-query keys [B,T,k,K]
+            s = jnp.einsum("bthk,btjk->bthj", q, seg.keys.astype(q.dtype), preferred_element_type=F32)
+        logits.append(jnp.where(seg.mask[:, :, None, :], s * scale, -jnp.inf))
+        values.append(seg.keys)
+    b, t, h, _ = q.shape
+    sink_col = jnp.broadcast_to(sink.astype(F32)[None, None, :, None], (b, t, h, 1))
+    probs = jax.nn.softmax(jnp.concatenate(logits + [sink_col], axis=-1), axis=-1)
+    out = jnp.zeros(q.shape, F32)
+    start = 0
+    for seg, v in zip(segments, values):
+        n = seg.mask.shape[-1]
+        pr = probs[..., start : start + n]
+        if v.ndim == 3:
+            out = out + jnp.einsum("bths,bsk->bthk", pr, v.astype(F32), preferred_element_type=F32)
+        else:
+            out = out + jnp.einsum("bthj,btjk->bthk", pr, v.astype(F32), preferred_element_type=F32)
+        start += n
+    return out.astype(q.dtype)
+
+
+def project_q(x, p, positions, cfg: Config, compressed: bool, *, sim_quant: bool = False):
+    """``c_q`` [B,T,q_lora] (also the indexer's query input) and roped per-head-normed q [B,T,H,K]."""
+    b, t, _ = x.shape
+    c_q = ops.rms_norm(ops.linear(x, p["wq_a"]["weight"], quant_act=sim_quant), p["q_norm"]["weight"],
+                       cfg.rms_norm_eps)
+    q = ops.linear(c_q, p["wq_b"]["weight"], quant_act=sim_quant)
+    q = ops.rms_norm(q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), None, cfg.rms_norm_eps)
+    cos, sin = ops.rope_angles(positions, ops.rope_inv_freq(cfg, compressed))
+    return c_q, ops.apply_rope(q, cos[:, :, None], sin[:, :, None])
+
+
+def project_kv(x, p, positions, cfg: Config, compressed: bool, *, sim_quant: bool = False):
+    """The shared K=V row of each token, normed and roped at its own position: [B,T,K]."""
+    kv = ops.rms_norm(ops.linear(x, p["wkv"]["weight"], quant_act=sim_quant), p["kv_norm"]["weight"],
+                      cfg.rms_norm_eps)
+    cos, sin = ops.rope_angles(positions, ops.rope_inv_freq(cfg, compressed))
+    kv = ops.apply_rope(kv, cos, sin)
+    if sim_quant:
+        kv = ops.fp8_sim_nope(kv, cfg.qk_rope_head_dim)
+    return kv
+
+
+def output_proj(o, p, positions, cfg: Config, compressed: bool, *, sim_quant: bool = False):
+    """Inverse RoPE at the query position, then the grouped low-rank projection (§5.1): [B,T,D]."""
+    b, t, h, k = o.shape
+    cos, sin = ops.rope_angles(positions, ops.rope_inv_freq(cfg, compressed))
+    o = ops.apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
+    g = cfg.o_groups
+    wo_a = p["wo_a"]["weight"].reshape(g, cfg.o_lora_rank, h * k // g)  # [G, R, (H/G)·K]
+    u = jnp.einsum("btgi,gri->btgr", o.reshape(b, t, g, h * k // g), wo_a.astype(o.dtype),
+                   preferred_element_type=F32).astype(o.dtype)
+    return ops.linear(u.reshape(b, t, g * cfg.o_lora_rank), p["wo_b"]["weight"], quant_act=sim_quant)
+
+
+def window_mask(q_pos: jax.Array, k_pos: jax.Array, window: int) -> jax.Array:
+    """bool[B,T,S]: key position in ``[q − window + 1, q]`` (128 rows including the query)."""
+    d = q_pos[:, :, None] - k_pos[:, None, :]
+    return (d >= 0) & (d < window)
+
+
+def attention_sequence(x, positions, p, layer: int, cfg: Config, *, sim_quant: bool = False):
+    """Full-sequence attention for one layer (sequences start at position 0): [B,T,D].
+
+    ``x`` [B,T,D] is the normed sub-layer input, ``positions`` i32[B,T].
+    """
+    kind = cfg.attn_kind(layer)
+    compressed = kind != "swa"
+    c_q, q = project_q(x, p, positions, cfg, compressed, sim_quant=sim_quant)
+    kv = project_kv(x, p, positions, cfg, compressed, sim_quant=sim_quant)
+    segments = [Segment(kv, window_mask(positions, positions, cfg.sliding_window))]
+    if compressed:
+        ratio = cfg.compress_ratio(layer)
+        with jax.named_scope("compressor"):
+            entries = compressor.compress_sequence(x, p["compressor"], ratio, cfg, sim_quant=sim_quant)
+        if kind == "hca":
+            visible = (positions + 1) // ratio
+            mask = jnp.arange(entries.shape[1])[None, None, :] < visible[..., None]
+            segments.append(Segment(entries, mask))
+        elif entries.shape[1] > 0:
+            with jax.named_scope("indexer"):
+                ip = p["indexer"]
+                keys = compressor.compress_sequence(x, ip["compressor"], ratio, cfg, indexer=True,
+                                                    sim_quant=sim_quant)
+                idx = indexer.indexer_topk(x, c_q, positions, keys, ip, ratio, cfg, sim_quant=sim_quant)
+            rows = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx)  # [B,T,k,K]
+            segments.append(Segment(rows, idx >= 0))
+    with jax.named_scope("core"):
+        o = attend(q, segments, p["attn_sink"])
+    return output_proj(o, p, positions, cfg, compressed, sim_quant=sim_quant)
