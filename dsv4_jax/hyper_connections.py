@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.config import Config
+from dsv4_jax.ops import rms_norm
 
 F32 = jnp.float32
 
@@ -68,8 +69,6 @@ def hc_sublayer(x: jax.Array, layer_params: dict, prefix: str, norm_weight, f, c
 
     ``f`` maps the normed input [B,T,D] to ``(z, aux)``; returns ``(X', aux)``.
     """
-    from dsv4_jax.ops import rms_norm
-
     pre, post, comb = hc_weights(
         x, layer_params[f"{prefix}_fn"], layer_params[f"{prefix}_base"], layer_params[f"{prefix}_scale"], cfg
     )

@@ -64,6 +64,43 @@ def _compressor(sd: dict, prefix: str, p: dict):
     sd[f"{prefix}.kv_norm.weight"] = _t(p["norm"]["weight"])
 
 
+def hf_layer_state_dict(lp: dict, pre: str) -> dict[str, torch.Tensor]:
+    """One decoder block under HF names, ``pre`` = e.g. ``model.layers.3``."""
+    sd: dict[str, torch.Tensor] = {}
+    sd[f"{pre}.input_layernorm.weight"] = _t(lp["attn_norm"]["weight"])
+    sd[f"{pre}.post_attention_layernorm.weight"] = _t(lp["ffn_norm"]["weight"])
+    for ours, theirs in (("hc_attn", "attn_hc"), ("hc_ffn", "ffn_hc")):
+        for part in ("fn", "base", "scale"):
+            sd[f"{pre}.{theirs}.{part}"] = _t(lp[f"{ours}_{part}"])
+    a = lp["attn"]
+    at = f"{pre}.self_attn"
+    for ours, theirs in (("wq_a", "q_a_proj"), ("q_norm", "q_a_norm"), ("wq_b", "q_b_proj"),
+                         ("wkv", "kv_proj"), ("kv_norm", "kv_norm"), ("wo_a", "o_a_proj"),
+                         ("wo_b", "o_b_proj")):
+        sd[f"{at}.{theirs}.weight"] = _t(a[ours]["weight"])
+    sd[f"{at}.sinks"] = _t(a["attn_sink"])
+    if "compressor" in a:
+        _compressor(sd, f"{at}.compressor", a["compressor"])
+    if "indexer" in a:
+        ix = a["indexer"]
+        _compressor(sd, f"{at}.compressor.indexer", ix["compressor"])
+        sd[f"{at}.compressor.indexer.q_b_proj.weight"] = _t(ix["wq_b"]["weight"])
+        sd[f"{at}.compressor.indexer.scorer.weights_proj.weight"] = _t(ix["weights_proj"]["weight"])
+    f = lp["ffn"]
+    mp = f"{pre}.mlp"
+    sd[f"{mp}.gate.weight"] = _t(f["gate"]["weight"])
+    if "bias" in f["gate"]:
+        sd[f"{mp}.gate.e_score_correction_bias"] = _t(f["gate"]["bias"])
+    if "tid2eid" in f["gate"]:
+        sd[f"{mp}.gate.tid2eid"] = _t(f["gate"]["tid2eid"])
+    e = f["experts"]
+    sd[f"{mp}.experts.gate_up_proj"] = torch.cat([_t(e["w1"]["weight"]), _t(e["w3"]["weight"])], dim=1)
+    sd[f"{mp}.experts.down_proj"] = _t(e["w2"]["weight"])
+    for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+        sd[f"{mp}.shared_experts.{theirs}.weight"] = _t(f["shared_experts"][ours]["weight"])
+    return sd
+
+
 def hf_state_dict(params: dict) -> dict[str, torch.Tensor]:
     """Our param tree under HF's module names (HF_ORACLE.md §5)."""
     sd = {
@@ -75,38 +112,7 @@ def hf_state_dict(params: dict) -> dict[str, torch.Tensor]:
         "model.hc_head.hc_scale": _t(params["hc_head_scale"]),
     }
     for i, lp in enumerate(params["layers"]):
-        pre = f"model.layers.{i}"
-        sd[f"{pre}.input_layernorm.weight"] = _t(lp["attn_norm"]["weight"])
-        sd[f"{pre}.post_attention_layernorm.weight"] = _t(lp["ffn_norm"]["weight"])
-        for ours, theirs in (("hc_attn", "attn_hc"), ("hc_ffn", "ffn_hc")):
-            for part in ("fn", "base", "scale"):
-                sd[f"{pre}.{theirs}.{part}"] = _t(lp[f"{ours}_{part}"])
-        a = lp["attn"]
-        at = f"{pre}.self_attn"
-        for ours, theirs in (("wq_a", "q_a_proj"), ("q_norm", "q_a_norm"), ("wq_b", "q_b_proj"),
-                             ("wkv", "kv_proj"), ("kv_norm", "kv_norm"), ("wo_a", "o_a_proj"),
-                             ("wo_b", "o_b_proj")):
-            sd[f"{at}.{theirs}.weight"] = _t(a[ours]["weight"])
-        sd[f"{at}.sinks"] = _t(a["attn_sink"])
-        if "compressor" in a:
-            _compressor(sd, f"{at}.compressor", a["compressor"])
-        if "indexer" in a:
-            ix = a["indexer"]
-            _compressor(sd, f"{at}.compressor.indexer", ix["compressor"])
-            sd[f"{at}.compressor.indexer.q_b_proj.weight"] = _t(ix["wq_b"]["weight"])
-            sd[f"{at}.compressor.indexer.scorer.weights_proj.weight"] = _t(ix["weights_proj"]["weight"])
-        f = lp["ffn"]
-        mp = f"{pre}.mlp"
-        sd[f"{mp}.gate.weight"] = _t(f["gate"]["weight"])
-        if "bias" in f["gate"]:
-            sd[f"{mp}.gate.e_score_correction_bias"] = _t(f["gate"]["bias"])
-        if "tid2eid" in f["gate"]:
-            sd[f"{mp}.gate.tid2eid"] = _t(f["gate"]["tid2eid"])
-        e = f["experts"]
-        sd[f"{mp}.experts.gate_up_proj"] = torch.cat([_t(e["w1"]["weight"]), _t(e["w3"]["weight"])], dim=1)
-        sd[f"{mp}.experts.down_proj"] = _t(e["w2"]["weight"])
-        for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-            sd[f"{mp}.shared_experts.{theirs}.weight"] = _t(f["shared_experts"][ours]["weight"])
+        sd.update(hf_layer_state_dict(lp, f"model.layers.{i}"))
     return sd
 
 
