@@ -1,0 +1,1 @@
+"""MXFP4 grouped expert matmuls: ``kernel`` (Pallas) and ``reference`` (jnp), same signatures."""

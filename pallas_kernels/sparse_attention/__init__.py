@@ -1,0 +1,1 @@
+"""Compressed sparse attention: ``kernel.sparse_attention`` and ``reference.sparse_attention_reference``."""
