@@ -19,6 +19,8 @@ reuses; ``compress_sequence`` is the full-sequence form used from position 0.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -98,3 +100,66 @@ def compress_sequence(x: jax.Array, p: dict, ratio: int, cfg: Config, *, indexer
     pooled = pool(k, g)  # f32[B,n,Dc]
     entry_pos = jnp.broadcast_to(jnp.arange(n) * ratio, (b, n))
     return finish(pooled, p, entry_pos, cfg, x.dtype, indexer=indexer, sim_quant=sim_quant)
+
+
+class ChunkEntries(NamedTuple):
+    """Entries completed by one chunk: rows [B,n,Dc], their indices w i32[B,n], validity bool[B,n]."""
+
+    rows: jax.Array
+    index: jax.Array
+    valid: jax.Array
+
+
+def compress_chunk(x: jax.Array, p: dict, positions: jax.Array, lengths: jax.Array, tail: dict, ratio: int,
+                   cfg: Config, *, indexer: bool = False, sim_quant: bool = False):
+    """Advance one compressor over a chunk of tokens using its tail state (§5.5).
+
+    ``x`` [B,T,D] normed input at ``positions`` i32[B,T] (contiguous from each row's
+    start), ``lengths`` i32[B] valid tokens, ``tail`` {k, g}: f32[B,R,c·Dc] for the
+    positions since the start of the previous (overlap) or current block.
+
+    The tail rows and the chunk's rows form one run E of per-position (k, g); every
+    block that completes inside the chunk is pooled from E, and the new tail is cut
+    from E. Rows at negative positions are the start-of-sequence value (k = 0,
+    g = −∞), so a recycled slot's stale tail is never read.
+    Returns ``(ChunkEntries, new_tail)``.
+    """
+    m = ratio
+    overlap = m == cfg.compress_rate_csa
+    b, t, _ = x.shape
+    dim = p["norm"]["weight"].shape[0]
+    r = tail["k"].shape[1]
+    k, g = project(x, p, positions, m)  # f32[B,T,c·Dc]
+    ek = jnp.concatenate([tail["k"], k], axis=1)  # f32[B,R+T,c·Dc]
+    eg = jnp.concatenate([tail["g"], g], axis=1)
+    start = positions[:, 0]
+    end = start + lengths
+    w0 = start // m
+    base = (w0 - 1 if overlap else w0) * m  # position of E row 0
+
+    def rows_at(pos):  # pos i32[B,...] -> k, g f32[B,...,c·Dc]; negative positions are empty
+        flat = pos.reshape(b, -1)
+        i = jnp.where(flat < start[:, None], flat - base[:, None], r + flat - start[:, None])
+        i = jnp.clip(i, 0, r + t - 1)[..., None]
+        rk = jnp.take_along_axis(ek, i, axis=1).reshape(*pos.shape, -1)
+        rg = jnp.take_along_axis(eg, i, axis=1).reshape(*pos.shape, -1)
+        empty = (pos < 0)[..., None]
+        return jnp.where(empty, 0.0, rk), jnp.where(empty, -jnp.inf, rg)
+
+    n_new = t // m + 1  # blocks that can complete in a chunk of t tokens
+    w = w0[:, None] + jnp.arange(n_new)  # i32[B,n]
+    valid = (w + 1) * m <= end[:, None]
+    cur_pos = w[..., None] * m + jnp.arange(m)  # i32[B,n,m]
+    ck, cg = rows_at(cur_pos)
+    if overlap:
+        pk, pg = rows_at(cur_pos - m)
+        ck = jnp.concatenate([pk[..., :dim], ck[..., dim:]], axis=2)  # f32[B,n,2m,Dc]
+        cg = jnp.concatenate([pg[..., :dim], cg[..., dim:]], axis=2)
+    rows = finish(pool(ck, cg), p, w * m, cfg, x.dtype, indexer=indexer, sim_quant=sim_quant)
+
+    new_base = (end // m - 1 if overlap else end // m) * m
+    tail_pos = new_base[:, None] + jnp.arange(r)  # i32[B,R]
+    tk, tg = rows_at(tail_pos)
+    keep = (tail_pos < end[:, None])[..., None]
+    new_tail = {"k": jnp.where(keep, tk, 0.0), "g": jnp.where(keep, tg, -jnp.inf)}
+    return ChunkEntries(rows, w, valid), new_tail

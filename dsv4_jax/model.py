@@ -22,7 +22,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax import attention, hyper_connections as hc, moe, ops
+from dsv4_jax import attention, attention_state, hyper_connections as hc, moe, ops
+from dsv4_jax import kv_cache as kvc
 from dsv4_jax.config import Config
 
 F32 = jnp.float32
@@ -40,31 +41,43 @@ class ModelOptions:
     sim_quant: bool = False
 
 
-def block(x, tokens, positions, p, layer: int, cfg: Config, opts: ModelOptions):
-    """One decoder block on streams x [B,T,n,D] (§4): mHC(attention) then mHC(MoE)."""
+def block(x, tokens, positions, p, layer: int, cfg: Config, opts: ModelOptions, st=None, meta=None, cc=None):
+    """One decoder block on streams x [B,T,n,D] (§4): mHC(attention) then mHC(MoE).
+
+    Without ``st`` the rows are whole sequences from position 0; with the layer's state
+    ``st`` (and the step's ``meta``/``cc``) the attention runs incrementally over it.
+    Returns ``(x, new_st)``.
+    """
     sq = opts.sim_quant
 
     def attn_fn(h):
-        return attention.attention_sequence(h, positions, p["attn"], layer, cfg, sim_quant=sq), None
+        if st is None:
+            return attention.attention_sequence(h, positions, p["attn"], layer, cfg, sim_quant=sq), None
+        return attention_state.attention_chunk(h, positions, p["attn"], st, meta, layer, cfg, cc, sim_quant=sq)
 
     def ffn_fn(h):
         return moe.moe(h, tokens, p["ffn"], layer, cfg, sim_quant=sq), None
 
     with jax.named_scope("attn"):
-        x, _ = hc.hc_sublayer(x, p, "hc_attn", p["attn_norm"]["weight"], attn_fn, cfg)
+        x, new_st = hc.hc_sublayer(x, p, "hc_attn", p["attn_norm"]["weight"], attn_fn, cfg)
     with jax.named_scope("moe"):
         x, _ = hc.hc_sublayer(x, p, "hc_ffn", p["ffn_norm"]["weight"], ffn_fn, cfg)
-    return x
+    return x, new_st
 
 
-def forward_streams(params, tokens, positions, cfg: Config, opts: ModelOptions = ModelOptions()):
-    """Final residual streams [B,T,n,D] before the HC head (the MTP block's input, §7)."""
+def forward_streams(params, tokens, positions, cfg: Config, opts: ModelOptions = ModelOptions(), state=None,
+                    meta: kvc.StepMeta | None = None, cache: kvc.CacheConfig | None = None):
+    """Final residual streams [B,T,n,D] before the HC head (the MTP block's input, §7), and
+    the advanced state (``None`` without one)."""
     h0 = params["embed"]["weight"][tokens]  # [B,T,D]
     x = jnp.broadcast_to(h0[:, :, None, :], (*h0.shape[:2], cfg.hc_mult, h0.shape[-1]))
+    new_layers = []
     for i, p in enumerate(params["layers"]):
+        st = None if state is None else state["layers"][i]
         with jax.named_scope(f"layer{i}_{cfg.attn_kind(i)}"):
-            x = block(x, tokens, positions, p, i, cfg, opts)
-    return x
+            x, st = block(x, tokens, positions, p, i, cfg, opts, st, meta, cache)
+        new_layers.append(st)
+    return x, (None if state is None else {**state, "layers": new_layers})
 
 
 def head_logits(x, hc_params: dict, norm_w, head_w, cfg: Config):
@@ -75,16 +88,24 @@ def head_logits(x, hc_params: dict, norm_w, head_w, cfg: Config):
         return jnp.einsum("btd,vd->btv", y.astype(F32), head_w.astype(F32), preferred_element_type=F32)
 
 
-def forward(params, tokens, positions, state=None, meta=None, *, cfg: Config,
-            opts: ModelOptions = ModelOptions()):
+def forward(params, tokens, positions, state=None, meta: kvc.StepMeta | None = None, *, cfg: Config,
+            opts: ModelOptions = ModelOptions(), cache: kvc.CacheConfig | None = None, last_only: bool = False):
     """Logits f32[B,T,V] for tokens i32[B,T] at positions i32[B,T], and the new state.
 
-    With ``state=None`` every row is a whole sequence from position 0.
+    ``state=None``: every row is a whole sequence from position 0 (returns ``None`` state).
+    With a state (``kv_cache.init_state``), ``meta`` and ``cache``: each row continues its
+    sequence from ``positions[:, 0]`` with ``meta.lengths`` valid tokens (prefill chunk or
+    decode step); the state is read, advanced and returned. ``last_only`` returns only the
+    logits of each row's last valid token, f32[B,1,V].
     """
-    if state is not None or meta is not None:
-        raise NotImplementedError("the incremental state path is not part of this build")
-    x = forward_streams(params, tokens, positions, cfg, opts)
-    return head_logits(x, params, params["norm"]["weight"], params["head"]["weight"], cfg), None
+    if (state is None) != (meta is None) or (state is not None and cache is None):
+        raise ValueError("forward: pass state, meta and cache together (or none of them)")
+    x, state = forward_streams(params, tokens, positions, cfg, opts, state, meta, cache)
+    if last_only:
+        last = (meta.lengths - 1) if meta is not None else jnp.full((x.shape[0],), x.shape[1] - 1)
+        x = jnp.take_along_axis(x, jnp.maximum(last, 0)[:, None, None, None], axis=1)
+    logits = head_logits(x, params, params["norm"]["weight"], params["head"]["weight"], cfg)
+    return logits, state
 
 
 def mtp_forward(params, x_main, next_tokens, positions, cfg: Config, opts: ModelOptions = ModelOptions(),
@@ -103,5 +124,5 @@ def mtp_forward(params, x_main, next_tokens, positions, cfg: Config, opts: Model
     x = ops.linear(hm, p["h_proj"]["weight"], quant_act=sq) + ops.linear(e, p["e_proj"]["weight"],
                                                                       quant_act=sq)[:, :, None, :]
     with jax.named_scope(f"mtp{depth}"):
-        x = block(x, next_tokens, positions, p, layer, cfg, opts)
+        x, _ = block(x, next_tokens, positions, p, layer, cfg, opts)
     return head_logits(x, p, p["norm"]["weight"], params["head"]["weight"], cfg), x

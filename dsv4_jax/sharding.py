@@ -32,6 +32,13 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "mlp": "tensor",
     "shared_mlp": "tensor",
     "hc_in": None,
+    # decode state (kv_cache.state_axes)
+    "kv_slot": None,
+    "kv_block": None,
+    "window": None,
+    "kv_entry": None,
+    "tail_row": None,
+    "kv_dim": None,
 }
 
 
@@ -50,10 +57,15 @@ def logical_to_spec(axes: tuple[str | None, ...], rules: Mapping[str, str | None
     return PartitionSpec(*out)
 
 
+def is_axes(x) -> bool:
+    """A logical-axes leaf: a plain tuple of names (a NamedTuple of them is a container)."""
+    return type(x) is tuple and all(a is None or isinstance(a, str) for a in x)
+
+
 def tree_shardings(axes_tree, mesh: jax.sharding.Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES):
     """NamedSharding for every leaf of a tree of logical-axis tuples."""
     return jax.tree.map(
         lambda a: NamedSharding(mesh, logical_to_spec(a, rules, tuple(mesh.axis_names))),
         axes_tree,
-        is_leaf=lambda x: isinstance(x, tuple),
+        is_leaf=is_axes,
     )

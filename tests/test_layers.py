@@ -185,5 +185,5 @@ def test_block(layer):
             model(input_ids=torch.from_numpy(tokens), use_cache=False)
     finally:
         h.remove()
-    got = block(j(x), jnp.asarray(tokens), jnp.asarray(POS), params["layers"][layer], layer, cfg, ModelOptions())
+    got, _ = block(j(x), jnp.asarray(tokens), jnp.asarray(POS), params["layers"][layer], layer, cfg, ModelOptions())
     close(got, hooks["out"], atol=5e-5)

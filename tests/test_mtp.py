@@ -31,7 +31,7 @@ def test_mtp_matches_hf_components():
         model(input_ids=torch.from_numpy(main), use_cache=False)
     h.remove()
     x_main = streams["x"]  # [B,T,n,D]: HF's final streams before its HC head
-    np.testing.assert_allclose(np.asarray(forward_streams(params, main, pos, cfg)), x_main.numpy(),
+    np.testing.assert_allclose(np.asarray(forward_streams(params, main, pos, cfg)[0]), x_main.numpy(),
                                atol=1e-4 * max(1, float(x_main.abs().max())))
 
     # HF modules holding the MTP weights: its block is an SWA-only top-k layer (§7)

@@ -1,0 +1,123 @@
+"""Attention over the decode state: one layer for a chunk of T tokens per sequence
+(prefill chunks and T = 1 decode are the same function; ARCHITECTURE.md §5.5).
+
+Per layer, in order:
+1. project q and the chunk's K=V rows (as the full forward does);
+2. advance the compressor(s) over the chunk from their tails, write every completed
+   entry into the paged pools (CSA: main + indexer keys; HCA: main);
+3. read the sequence's compressed entries back through its block table (the entries
+   this chunk just completed included) and, for CSA, pick top-k with the indexer;
+4. attend over [old window rows from the ring ‖ the chunk's own rows ‖ compressed
+   rows] with the sink, then write the chunk's rows into the ring.
+
+Rows that do not exist for the sequence (ring rows at negative positions, pool
+entries past its length, padding tokens) are zeroed before use and masked, so a
+stale or poisoned slot can never leak into the output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax import attention, compressor, indexer
+from dsv4_jax import kv_cache as kvc
+from dsv4_jax.attention import Segment
+from dsv4_jax.config import Config
+
+F32 = jnp.float32
+
+
+def _write_entries(pool, entries: compressor.ChunkEntries, block_table, cc: kvc.CacheConfig, ratio: int, enc):
+    """Scatter completed entries into their (block, row); invalid ones are dropped."""
+    per_block = cc.block_tokens // ratio
+    logical = entries.index // per_block  # i32[B,n]
+    ok = entries.valid & (logical < block_table.shape[1])
+    blk = jnp.take_along_axis(block_table, jnp.clip(logical, 0, block_table.shape[1] - 1), axis=1)
+    blk = jnp.where(ok, blk, cc.num_blocks)  # out of range: dropped
+    return kvc.put_rows(pool, (blk, entries.index % per_block), enc(entries.rows))
+
+
+def _read_entries(pool, block_table, dec, dtype) -> jax.Array:
+    """Every entry slot of each sequence's blocks, in entry order: [B, max_blocks·per_block, Dc]."""
+    rows = dec(kvc.take_rows(pool, block_table), dtype)  # [B,MB,per_block,Dc]
+    return rows.reshape(rows.shape[0], -1, rows.shape[-1])
+
+
+def _zero_missing(rows: jax.Array, exists: jax.Array) -> jax.Array:
+    return jnp.where(exists[..., None], rows, jnp.zeros((), rows.dtype))
+
+
+def window_segments(kv, ring_rows, positions, lengths, window: int):
+    """The ring's old rows and the chunk's own rows as two key segments (§5.1 window).
+
+    Ring row j holds the latest position ≡ j (mod W) before the chunk's start.
+    """
+    start = positions[:, 0]
+    j = jnp.arange(window)
+    ring_pos = start[:, None] - 1 - jnp.mod(start[:, None] - 1 - j, window)  # i32[B,W]
+    ring_exists = ring_pos >= 0
+    ring_mask = ring_exists[:, None, :] & attention.window_mask(positions, ring_pos, window)
+    t = kv.shape[1]
+    chunk_exists = jnp.arange(t)[None, :] < lengths[:, None]  # bool[B,T]
+    chunk_mask = chunk_exists[:, None, :] & attention.window_mask(positions, positions, window)
+    return [Segment(_zero_missing(ring_rows, ring_exists), ring_mask),
+            Segment(_zero_missing(kv, chunk_exists), chunk_mask)]
+
+
+def write_window(ring, kv_enc, slots, positions, lengths, window: int):
+    """Store the chunk's rows in the ring; only the last W valid tokens, so indices are unique."""
+    t = positions.shape[1]
+    tok = jnp.arange(t)[None, :]
+    keep = (tok < lengths[:, None]) & (tok >= lengths[:, None] - window)
+    row = jnp.where(keep, positions % window, window)  # out of range: dropped
+    return kvc.put_rows(ring, (jnp.broadcast_to(slots[:, None], row.shape), row), kv_enc)
+
+
+def attention_chunk(x, positions, p, st: dict, meta: kvc.StepMeta, layer: int, cfg: Config,
+                    cc: kvc.CacheConfig, *, sim_quant: bool = False):
+    """One layer's attention for a chunk ``x`` [B,T,D] (normed): returns ([B,T,D], new layer state)."""
+    kind = cfg.attn_kind(layer)
+    compressed = kind != "swa"
+    dtype = x.dtype
+    slots, bt, lengths = meta.slots, meta.block_table, meta.lengths
+    c_q, q = attention.project_q(x, p, positions, cfg, compressed, sim_quant=sim_quant)
+    kv = attention.project_kv(x, p, positions, cfg, compressed, sim_quant=sim_quant)
+    new = dict(st)
+
+    ring_rows = kvc.decode_main(kvc.take_rows(st["window"], slots), dtype)  # [B,W,K]
+    segments = window_segments(kv, ring_rows, positions, lengths, cfg.sliding_window)
+    if compressed:
+        ratio = cfg.compress_ratio(layer)
+        end = positions[:, 0] + lengths
+        with jax.named_scope("compressor"):
+            tail = kvc.take_rows(st["tail"], slots)
+            ent, tail = compressor.compress_chunk(x, p["compressor"], positions, lengths, tail, ratio, cfg,
+                                                  sim_quant=sim_quant)
+            new["tail"] = kvc.put_rows(st["tail"], (slots,), tail)
+            new["cmp"] = _write_entries(st["cmp"], ent, bt, cc, ratio, lambda r: kvc.encode_main(r, cfg, cc))
+        entries = _read_entries(new["cmp"], bt, kvc.decode_main, dtype)  # [B,C,K]
+        n_ent = jnp.arange(entries.shape[1])
+        entries = _zero_missing(entries, n_ent[None, :] < (end // ratio)[:, None])
+        if kind == "hca":
+            visible = (positions + 1) // ratio
+            segments.append(Segment(entries, n_ent[None, None, :] < visible[..., None]))
+        else:
+            with jax.named_scope("indexer"):
+                ip = p["indexer"]
+                itail = kvc.take_rows(st["itail"], slots)
+                ient, itail = compressor.compress_chunk(x, ip["compressor"], positions, lengths, itail, ratio,
+                                                        cfg, indexer=True, sim_quant=sim_quant)
+                new["itail"] = kvc.put_rows(st["itail"], (slots,), itail)
+                new["idx"] = _write_entries(st["idx"], ient, bt, cc, ratio, lambda r: kvc.encode_index(r, cc))
+                keys = _read_entries(new["idx"], bt, kvc.decode_index, dtype)
+                keys = _zero_missing(keys, n_ent[None, :] < (end // ratio)[:, None])
+                qi, wi = indexer.index_queries(x, c_q, positions, ip, cfg, sim_quant=sim_quant)
+                idx = indexer.select_topk(indexer.index_scores(qi, wi, keys), positions, ratio, cfg.index_topk)
+            rows = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx)  # [B,T,k,K]
+            segments.append(Segment(rows, idx >= 0))
+    with jax.named_scope("core"):
+        o = attention.attend(q, segments, p["attn_sink"])
+    new["window"] = write_window(st["window"], kvc.encode_main(kv, cfg, cc), slots, positions, lengths,
+                                 cfg.sliding_window)
+    return attention.output_proj(o, p, positions, cfg, compressed, sim_quant=sim_quant), new

@@ -1,0 +1,201 @@
+"""The decode state of every layer kind, as a pytree (ARCHITECTURE.md §5.5, §10; SERVING.md §1).
+
+Per layer, for a fixed number of sequence *slots* and a shared pool of *blocks*:
+
+* ``window`` — the SWA ring of every layer: ``[slots, W, K]``; position p of the
+  sequence in slot s lives in row ``p mod W``.
+* ``cmp`` — compressed KV entries of CSA and HCA layers, paged:
+  ``[blocks, block_tokens/m, K]``. Entry w of a sequence lives in block
+  ``block_table[w·m // block_tokens]``, row ``w mod (block_tokens/m)``.
+* ``idx`` — CSA indexer keys, paged the same way: ``[blocks, block_tokens/4, Di]``.
+* ``tail`` / ``itail`` — compressor tails (fp32, ``ape`` already added): per slot the
+  projected kv and gate rows of the current partial block, and for overlap (CSA)
+  compressors also the previous complete block: ``[slots, 2m or m, c·Dc]`` each.
+
+One logical block covers ``block_tokens`` native positions in every layer, so one
+block table per sequence addresses every pool (SERVING.md fact 2). The block ids and
+slots are the engine's; this module only knows shapes, layouts and formats.
+
+Storage formats (``KVFormat``): main rows ``dense`` (the cache dtype, bf16 by default,
+as the reference stores them) or ``fp8`` (584 B/row at K=512: e4m3 nope dims + bf16
+RoPE dims + UE8M0 scales); indexer keys ``dense``, ``fp8`` (132 B) or ``fp4`` (68 B).
+The codecs live in ``pallas_kernels.kv_format`` beside the kernels that read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax.config import Config
+from pallas_kernels import kv_format
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class KVFormat:
+    """How rows are stored: ``main`` in {dense, fp8}, ``index`` in {dense, fp8, fp4}."""
+
+    main: str = "dense"
+    index: str = "dense"
+
+    def __post_init__(self):
+        if self.main not in ("dense", "fp8"):
+            raise ValueError(f"KVFormat.main: expected 'dense' or 'fp8', got {self.main!r}")
+        if self.index not in ("dense", "fp8", "fp4"):
+            raise ValueError(f"KVFormat.index: expected 'dense', 'fp8' or 'fp4', got {self.index!r}")
+
+    @classmethod
+    def parse(cls, name: str) -> "KVFormat":
+        """``bf16`` | ``fp8`` (FP8 main + FP8 indexer) | ``fp8-fp4`` (FP8 main + FP4 indexer)."""
+        table = {"bf16": cls(), "dense": cls(), "fp8": cls("fp8", "fp8"), "fp8-fp4": cls("fp8", "fp4")}
+        if name not in table:
+            raise ValueError(f"kv format: unknown name {name!r}; known: {sorted(table)}")
+        return table[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """Static sizes of the state: slots (sequences held at once) and the block pool."""
+
+    num_slots: int
+    num_blocks: int
+    max_blocks_per_seq: int
+    block_tokens: int = 256
+    fmt: KVFormat = KVFormat()
+    dtype: Any = jnp.bfloat16  # dense storage dtype
+
+    def validate(self, cfg: Config) -> None:
+        ratios = {r for r in cfg.compress_ratios if r}
+        for r in ratios:
+            if self.block_tokens % r:
+                raise ValueError(f"block_tokens={self.block_tokens} must be a multiple of compress ratio {r}")
+        for name in ("num_slots", "num_blocks", "max_blocks_per_seq", "block_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"CacheConfig.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def max_tokens_per_seq(self) -> int:
+        return self.max_blocks_per_seq * self.block_tokens
+
+
+class StepMeta(NamedTuple):
+    """Per-step batch metadata, built by the runner as arrays (one transfer per step).
+
+    ``slots`` i32[B]: state slot of each row. ``block_table`` i32[B, max_blocks]: block ids
+    of each sequence (entries past its last block may hold anything). ``lengths`` i32[B]:
+    valid tokens of this call per row; the rest of the T axis is padding and writes nothing.
+    """
+
+    slots: jax.Array
+    block_table: jax.Array
+    lengths: jax.Array
+
+
+# ----------------------------------------------------------------------------- rows
+def _rope_dim(cfg: Config) -> int:
+    return cfg.qk_rope_head_dim
+
+
+def alloc_main(prefix: tuple[int, ...], cfg: Config, cc: CacheConfig, poison: bool):
+    if cc.fmt.main == "fp8":
+        return kv_format.allocate_rows(prefix, "fp8_ds_mla", cfg.head_dim, _rope_dim(cfg), poison=poison)
+    fill = jnp.nan if poison else 0.0
+    return jnp.full(prefix + (cfg.head_dim,), fill, cc.dtype)
+
+
+def alloc_index(prefix: tuple[int, ...], cfg: Config, cc: CacheConfig, poison: bool):
+    if cc.fmt.index != "dense":
+        return kv_format.allocate_rows(prefix, f"indexer_{cc.fmt.index}", cfg.index_head_dim, poison=poison)
+    fill = jnp.nan if poison else 0.0
+    return jnp.full(prefix + (cfg.index_head_dim,), fill, cc.dtype)
+
+
+def encode_main(rows: jax.Array, cfg: Config, cc: CacheConfig):
+    if cc.fmt.main == "fp8":
+        return kv_format.quantize_kv(rows, _rope_dim(cfg))
+    return rows.astype(cc.dtype)
+
+
+def encode_index(rows: jax.Array, cc: CacheConfig):
+    if cc.fmt.index != "dense":
+        return kv_format.quantize_indexer_keys(rows, cc.fmt.index)
+    return rows.astype(cc.dtype)
+
+
+def decode_main(rows, dtype) -> jax.Array:
+    return kv_format.dequantize_kv(rows, dtype)
+
+
+def decode_index(rows, dtype) -> jax.Array:
+    return kv_format.dequantize_indexer_keys(rows, dtype)
+
+
+def take_rows(store, idx: jax.Array):
+    """Gather along the leading axis of every leaf of a row store (ids clamped in range)."""
+    return jax.tree.map(lambda a: jnp.take(a, idx, axis=0, mode="clip"), store)
+
+
+def put_rows(store, idx: tuple[jax.Array, ...], rows):
+    """Scatter ``rows`` (same container type) at ``idx``; out-of-range indices are dropped."""
+    return jax.tree.map(lambda a, r: a.at[idx].set(r.astype(a.dtype), mode="drop"), store, rows)
+
+
+# ----------------------------------------------------------------------------- state
+def tail_rows(cfg: Config, ratio: int) -> int:
+    """Tail rows a compressor keeps: previous + current block (overlap) or current block."""
+    return 2 * ratio if ratio == cfg.compress_rate_csa else ratio
+
+
+def init_state(cfg: Config, cc: CacheConfig, *, poison: bool = False) -> dict:
+    """An empty state for ``cfg`` (main layers). ``poison`` fills every row store with NaN so a
+    read of anything not written by the sequence itself shows up in tests; tails start as
+    k = 0, g = −∞ (the start-of-sequence value, §5.5) unless poisoned too.
+    """
+    cc.validate(cfg)
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        st: dict = {"window": alloc_main((cc.num_slots, cfg.sliding_window), cfg, cc, poison)}
+        kind = cfg.attn_kind(i)
+        if kind != "swa":
+            m = cfg.compress_ratio(i)
+            st["cmp"] = alloc_main((cc.num_blocks, cc.block_tokens // m), cfg, cc, poison)
+            st["tail"] = _tail(cc.num_slots, tail_rows(cfg, m), (2 if kind == "csa" else 1) * cfg.head_dim, poison)
+        if kind == "csa":
+            m = cfg.compress_ratio(i)
+            st["idx"] = alloc_index((cc.num_blocks, cc.block_tokens // m), cfg, cc, poison)
+            st["itail"] = _tail(cc.num_slots, tail_rows(cfg, m), 2 * cfg.index_head_dim, poison)
+        layers.append(st)
+    return {"layers": layers}
+
+
+def _tail(slots: int, rows: int, chans: int, poison: bool) -> dict:
+    if poison:
+        return {"k": jnp.full((slots, rows, chans), jnp.nan, F32), "g": jnp.full((slots, rows, chans), jnp.nan, F32)}
+    return {"k": jnp.zeros((slots, rows, chans), F32), "g": jnp.full((slots, rows, chans), -jnp.inf, F32)}
+
+
+def state_bytes(state) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
+
+
+def state_axes(state) -> Any:
+    """Logical axis names of every state leaf (for the sharding rules table)."""
+    def axes(path, leaf):
+        keys = [getattr(p, "key", getattr(p, "name", None)) for p in path]
+        kind = next(k for k in keys if k in ("window", "cmp", "idx", "tail", "itail"))
+        lead = {"window": ("kv_slot", "window"), "cmp": ("kv_block", "kv_entry"),
+                "idx": ("kv_block", "kv_entry"), "tail": ("kv_slot", "tail_row"),
+                "itail": ("kv_slot", "tail_row")}[kind]
+        return lead + ("kv_dim",) * (leaf.ndim - 2)
+
+    return jax.tree_util.tree_map_with_path(axes, state)
+
+
+def blocks_for(tokens: int, cc: CacheConfig) -> int:
+    return math.ceil(tokens / cc.block_tokens)
