@@ -93,8 +93,8 @@ def output_proj(o, p, positions, cfg: Config, compressed: bool, *, sim_quant: bo
     cos, sin = ops.rope_angles(positions, ops.rope_inv_freq(cfg, compressed))
     o = ops.apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
     g = cfg.o_groups
-    wo_a = p["wo_a"]["weight"].reshape(g, cfg.o_lora_rank, h * k // g)  # [G, R, (H/G)·K]
-    u = jnp.einsum("btgi,gri->btgr", o.reshape(b, t, g, h * k // g), wo_a.astype(o.dtype),
+    wo_a = ops.dense(p["wo_a"]["weight"], o.dtype).reshape(g, cfg.o_lora_rank, h * k // g)  # [G,R,(H/G)·K]
+    u = jnp.einsum("btgi,gri->btgr", o.reshape(b, t, g, h * k // g), wo_a,
                    preferred_element_type=F32).astype(o.dtype)
     return ops.linear(u.reshape(b, t, g * cfg.o_lora_rank), p["wo_b"]["weight"], quant_act=sim_quant)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels as pk
 from dsv4_jax import attention, compressor, indexer
 from dsv4_jax import kv_cache as kvc
 from dsv4_jax.attention import Segment
@@ -28,11 +29,13 @@ from dsv4_jax.config import Config
 F32 = jnp.float32
 
 
-def _write_entries(pool, entries: compressor.ChunkEntries, block_table, cc: kvc.CacheConfig, ratio: int, enc):
-    """Scatter completed entries into their (block, row); invalid ones are dropped."""
+def _write_entries(pool, entries: compressor.ChunkEntries, block_table, cc: kvc.CacheConfig, ratio: int, enc,
+                   cached_until):
+    """Scatter completed entries into their (block, row); invalid ones, and entries of the
+    shared cache (below ``cached_until``), are dropped."""
     per_block = cc.block_tokens // ratio
     logical = entries.index // per_block  # i32[B,n]
-    ok = entries.valid & (logical < block_table.shape[1])
+    ok = entries.valid & (logical < block_table.shape[1]) & ((entries.index + 1) * ratio > cached_until[:, None])
     blk = jnp.take_along_axis(block_table, jnp.clip(logical, 0, block_table.shape[1] - 1), axis=1)
     blk = jnp.where(ok, blk, cc.num_blocks)  # out of range: dropped
     return kvc.put_rows(pool, (blk, entries.index % per_block), enc(entries.rows))
@@ -48,15 +51,16 @@ def _zero_missing(rows: jax.Array, exists: jax.Array) -> jax.Array:
     return jnp.where(exists[..., None], rows, jnp.zeros((), rows.dtype))
 
 
-def window_segments(kv, ring_rows, positions, lengths, window: int):
+def window_segments(kv, ring_rows, positions, lengths, window: int, state_start):
     """The ring's old rows and the chunk's own rows as two key segments (§5.1 window).
 
-    Ring row j holds the latest position ≡ j (mod W) before the chunk's start.
+    Ring row j holds the latest position ≡ j (mod W) before the chunk's start; rows below
+    ``state_start`` (negative positions, or before a replay's first token) do not exist.
     """
     start = positions[:, 0]
     j = jnp.arange(window)
     ring_pos = start[:, None] - 1 - jnp.mod(start[:, None] - 1 - j, window)  # i32[B,W]
-    ring_exists = ring_pos >= 0
+    ring_exists = ring_pos >= state_start[:, None]
     ring_mask = ring_exists[:, None, :] & attention.window_mask(positions, ring_pos, window)
     t = kv.shape[1]
     chunk_exists = jnp.arange(t)[None, :] < lengths[:, None]  # bool[B,T]
@@ -75,49 +79,80 @@ def write_window(ring, kv_enc, slots, positions, lengths, window: int):
 
 
 def attention_chunk(x, positions, p, st: dict, meta: kvc.StepMeta, layer: int, cfg: Config,
-                    cc: kvc.CacheConfig, *, sim_quant: bool = False):
-    """One layer's attention for a chunk ``x`` [B,T,D] (normed): returns ([B,T,D], new layer state)."""
+                    cc: kvc.CacheConfig, *, sim_quant: bool = False, kernels: str = "reference"):
+    """One layer's attention for a chunk ``x`` [B,T,D] (normed): returns ([B,T,D], new layer state).
+
+    ``kernels="pallas"`` runs the indexer top-k and the attention core as the Pallas
+    kernels (interpret mode on CPU); ``"reference"`` as the jnp code here. Both read the
+    same pools and produce the same result.
+    """
     kind = cfg.attn_kind(layer)
     compressed = kind != "swa"
     dtype = x.dtype
     slots, bt, lengths = meta.slots, meta.block_table, meta.lengths
+    start = positions[:, 0]
+    end = start + lengths
+    zero = jnp.zeros_like(start)
+    state_start = zero if meta.state_start is None else meta.state_start
+    cached_until = zero if meta.cached_until is None else meta.cached_until
     c_q, q = attention.project_q(x, p, positions, cfg, compressed, sim_quant=sim_quant)
     kv = attention.project_kv(x, p, positions, cfg, compressed, sim_quant=sim_quant)
     new = dict(st)
-
-    ring_rows = kvc.decode_main(kvc.take_rows(st["window"], slots), dtype)  # [B,W,K]
-    segments = window_segments(kv, ring_rows, positions, lengths, cfg.sliding_window)
+    ratio = cfg.compress_ratio(layer)
+    idx = None
     if compressed:
-        ratio = cfg.compress_ratio(layer)
-        end = positions[:, 0] + lengths
         with jax.named_scope("compressor"):
             tail = kvc.take_rows(st["tail"], slots)
             ent, tail = compressor.compress_chunk(x, p["compressor"], positions, lengths, tail, ratio, cfg,
-                                                  sim_quant=sim_quant)
+                                                  state_start=state_start, sim_quant=sim_quant)
             new["tail"] = kvc.put_rows(st["tail"], (slots,), tail)
-            new["cmp"] = _write_entries(st["cmp"], ent, bt, cc, ratio, lambda r: kvc.encode_main(r, cfg, cc))
-        entries = _read_entries(new["cmp"], bt, kvc.decode_main, dtype)  # [B,C,K]
-        n_ent = jnp.arange(entries.shape[1])
-        entries = _zero_missing(entries, n_ent[None, :] < (end // ratio)[:, None])
-        if kind == "hca":
-            visible = (positions + 1) // ratio
-            segments.append(Segment(entries, n_ent[None, None, :] < visible[..., None]))
-        else:
+            new["cmp"] = _write_entries(st["cmp"], ent, bt, cc, ratio, lambda r: kvc.encode_main(r, cfg, cc),
+                                        cached_until)
+        if kind == "csa":
             with jax.named_scope("indexer"):
                 ip = p["indexer"]
                 itail = kvc.take_rows(st["itail"], slots)
-                ient, itail = compressor.compress_chunk(x, ip["compressor"], positions, lengths, itail, ratio,
-                                                        cfg, indexer=True, sim_quant=sim_quant)
+                ient, itail = compressor.compress_chunk(x, ip["compressor"], positions, lengths, itail, ratio, cfg,
+                                                        state_start=state_start, indexer=True, sim_quant=sim_quant)
                 new["itail"] = kvc.put_rows(st["itail"], (slots,), itail)
-                new["idx"] = _write_entries(st["idx"], ient, bt, cc, ratio, lambda r: kvc.encode_index(r, cc))
-                keys = _read_entries(new["idx"], bt, kvc.decode_index, dtype)
-                keys = _zero_missing(keys, n_ent[None, :] < (end // ratio)[:, None])
+                new["idx"] = _write_entries(st["idx"], ient, bt, cc, ratio, lambda r: kvc.encode_index(r, cc),
+                                            cached_until)
                 qi, wi = indexer.index_queries(x, c_q, positions, ip, cfg, sim_quant=sim_quant)
-                idx = indexer.select_topk(indexer.index_scores(qi, wi, keys), positions, ratio, cfg.index_topk)
-            rows = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx)  # [B,T,k,K]
-            segments.append(Segment(rows, idx >= 0))
+                if kernels == "pallas":
+                    idx, _ = pk.indexer_topk(qi, wi, new["idx"], bt, start, lengths, ratio=ratio,
+                                             topk=cfg.index_topk)
+                else:
+                    keys = _read_entries(new["idx"], bt, kvc.decode_index, dtype)
+                    n_ent = jnp.arange(keys.shape[1])
+                    keys = _zero_missing(keys, n_ent[None, :] < (end // ratio)[:, None])
+                    idx = indexer.select_topk(indexer.index_scores(qi, wi, keys), positions, ratio, cfg.index_topk)
     with jax.named_scope("core"):
-        o = attention.attend(q, segments, p["attn_sink"])
+        if kernels == "pallas":
+            o = pk.sparse_attention(q, kv, st["window"], slots, new.get("cmp"), bt if compressed else None, idx,
+                                    p["attn_sink"], start, lengths, ratio=ratio)
+        else:
+            o = attention.attend(q, _reference_segments(q, kv, st, new, meta, positions, idx, kind, ratio, cfg,
+                                                        state_start), p["attn_sink"])
     new["window"] = write_window(st["window"], kvc.encode_main(kv, cfg, cc), slots, positions, lengths,
                                  cfg.sliding_window)
     return attention.output_proj(o, p, positions, cfg, compressed, sim_quant=sim_quant), new
+
+
+def _reference_segments(q, kv, st, new, meta, positions, idx, kind, ratio, cfg: Config, state_start):
+    """Key segments of the jnp path: old ring rows, the chunk's rows, compressed rows."""
+    dtype = q.dtype
+    ring_rows = kvc.decode_main(kvc.take_rows(st["window"], meta.slots), dtype)  # [B,W,K]
+    segments = window_segments(kv, ring_rows, positions, meta.lengths, cfg.sliding_window, state_start)
+    if kind == "swa":
+        return segments
+    entries = _read_entries(new["cmp"], meta.block_table, kvc.decode_main, dtype)  # [B,C,K]
+    n_ent = jnp.arange(entries.shape[1])
+    end = positions[:, 0] + meta.lengths
+    entries = _zero_missing(entries, n_ent[None, :] < (end // ratio)[:, None])
+    if kind == "hca":
+        visible = (positions + 1) // ratio
+        segments.append(Segment(entries, n_ent[None, None, :] < visible[..., None]))
+    else:
+        rows = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx)  # [B,T,k,K]
+        segments.append(Segment(rows, idx >= 0))
+    return segments

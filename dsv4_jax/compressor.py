@@ -111,7 +111,8 @@ class ChunkEntries(NamedTuple):
 
 
 def compress_chunk(x: jax.Array, p: dict, positions: jax.Array, lengths: jax.Array, tail: dict, ratio: int,
-                   cfg: Config, *, indexer: bool = False, sim_quant: bool = False):
+                   cfg: Config, *, state_start: jax.Array | None = None, indexer: bool = False,
+                   sim_quant: bool = False):
     """Advance one compressor over a chunk of tokens using its tail state (§5.5).
 
     ``x`` [B,T,D] normed input at ``positions`` i32[B,T] (contiguous from each row's
@@ -120,8 +121,9 @@ def compress_chunk(x: jax.Array, p: dict, positions: jax.Array, lengths: jax.Arr
 
     The tail rows and the chunk's rows form one run E of per-position (k, g); every
     block that completes inside the chunk is pooled from E, and the new tail is cut
-    from E. Rows at negative positions are the start-of-sequence value (k = 0,
-    g = −∞), so a recycled slot's stale tail is never read.
+    from E. Rows at positions below ``state_start`` i32[B] (default 0) are the
+    start-of-sequence value (k = 0, g = −∞), so a recycled slot's stale tail is never
+    read; a prefix-cache replay passes its first position there.
     Returns ``(ChunkEntries, new_tail)``.
     """
     m = ratio
@@ -134,6 +136,7 @@ def compress_chunk(x: jax.Array, p: dict, positions: jax.Array, lengths: jax.Arr
     eg = jnp.concatenate([tail["g"], g], axis=1)
     start = positions[:, 0]
     end = start + lengths
+    floor = jnp.zeros_like(start) if state_start is None else state_start
     w0 = start // m
     base = (w0 - 1 if overlap else w0) * m  # position of E row 0
 
@@ -143,7 +146,7 @@ def compress_chunk(x: jax.Array, p: dict, positions: jax.Array, lengths: jax.Arr
         i = jnp.clip(i, 0, r + t - 1)[..., None]
         rk = jnp.take_along_axis(ek, i, axis=1).reshape(*pos.shape, -1)
         rg = jnp.take_along_axis(eg, i, axis=1).reshape(*pos.shape, -1)
-        empty = (pos < 0)[..., None]
+        empty = (pos < floor.reshape((b,) + (1,) * (pos.ndim - 1)))[..., None]
         return jnp.where(empty, 0.0, rk), jnp.where(empty, -jnp.inf, rg)
 
     n_new = t // m + 1  # blocks that can complete in a chunk of t tokens

@@ -90,11 +90,19 @@ class StepMeta(NamedTuple):
     ``slots`` i32[B]: state slot of each row. ``block_table`` i32[B, max_blocks]: block ids
     of each sequence (entries past its last block may hold anything). ``lengths`` i32[B]:
     valid tokens of this call per row; the rest of the T axis is padding and writes nothing.
+
+    For a prefix-cache replay (the ``recompute`` SWA strategy, SERVING.md §1.6):
+    ``state_start`` i32[B]: window and tail rows at positions below it do not exist (the
+    slot is fresh, the replay starts there); ``cached_until`` i32[B]: compressed entries
+    covering positions below it come from the shared cache and are never rewritten.
+    ``None`` means 0 for every row (an ordinary sequence).
     """
 
     slots: jax.Array
     block_table: jax.Array
     lengths: jax.Array
+    state_start: jax.Array | None = None
+    cached_until: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- rows

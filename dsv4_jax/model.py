@@ -36,9 +36,19 @@ class ModelOptions:
     ``sim_quant`` reproduces the reference's QAT rounding (§2): FP8 activations before
     FP8/FP4 GEMMs, FP8 nope dims of KV and compressed KV, Hadamard + FP4 indexer q/k.
     Off by default (the HF port, our oracle, has none of it).
+
+    ``kernels`` selects the implementation of the decode hot paths on the state path:
+    ``"reference"`` (jnp) or ``"pallas"`` (the kernels of ``pallas_kernels``: sparse
+    attention, indexer top-k, and the MXFP4 expert matmul when the experts are held
+    packed). The full-sequence path (no state) always runs the jnp code.
     """
 
     sim_quant: bool = False
+    kernels: str = "reference"
+
+    def __post_init__(self):
+        if self.kernels not in ("reference", "pallas"):
+            raise ValueError(f"ModelOptions.kernels: expected 'reference' or 'pallas', got {self.kernels!r}")
 
 
 def block(x, tokens, positions, p, layer: int, cfg: Config, opts: ModelOptions, st=None, meta=None, cc=None):
@@ -53,10 +63,12 @@ def block(x, tokens, positions, p, layer: int, cfg: Config, opts: ModelOptions, 
     def attn_fn(h):
         if st is None:
             return attention.attention_sequence(h, positions, p["attn"], layer, cfg, sim_quant=sq), None
-        return attention_state.attention_chunk(h, positions, p["attn"], st, meta, layer, cfg, cc, sim_quant=sq)
+        return attention_state.attention_chunk(h, positions, p["attn"], st, meta, layer, cfg, cc, sim_quant=sq,
+                                               kernels=opts.kernels)
 
     def ffn_fn(h):
-        return moe.moe(h, tokens, p["ffn"], layer, cfg, sim_quant=sq), None
+        return moe.moe(h, tokens, p["ffn"], layer, cfg, sim_quant=sq,
+                       kernels=opts.kernels if st is not None else "reference"), None
 
     with jax.named_scope("attn"):
         x, new_st = hc.hc_sublayer(x, p, "hc_attn", p["attn_norm"]["weight"], attn_fn, cfg)

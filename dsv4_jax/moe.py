@@ -16,8 +16,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels as pk
 from dsv4_jax import ops
 from dsv4_jax.config import Config
+from dsv4_jax.quant import QuantizedWeight
 
 F32 = jnp.float32
 
@@ -43,35 +45,57 @@ def swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
-def _ragged(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
+def _ragged(lhs: jax.Array, rhs, sizes: jax.Array) -> jax.Array:
     """Grouped ``lhs[rows of group e] @ rhs[e]ᵀ`` for rhs stored [E, out, in]: f32[M,out]."""
     dn = jax.lax.RaggedDotDimensionNumbers(
         dot_dimension_numbers=(([1], [2]), ([], [])),
         lhs_ragged_dimensions=[0],
         rhs_group_dimensions=[0],
     )
-    return jax.lax.ragged_dot_general(lhs, rhs.astype(lhs.dtype), sizes, dn, preferred_element_type=F32)
+    return jax.lax.ragged_dot_general(lhs, ops.dense(rhs, lhs.dtype), sizes, dn, preferred_element_type=F32)
+
+
+def _mxfp4(w) -> pk.mxfp4.Mxfp4Weight | None:
+    """The kernel's view of an expert stack held packed as MXFP4, else ``None``."""
+    if isinstance(w, QuantizedWeight) and w.fmt == "mxfp4":
+        return pk.mxfp4.Mxfp4Weight(w.data, w.scale)
+    return None
 
 
 def routed_experts(x: jax.Array, idx: jax.Array, w: jax.Array, experts: dict, cfg: Config,
-                   *, sim_quant: bool = False) -> jax.Array:
-    """``Σ_choices y_e`` for x [N,D], idx i32[N,k], w f32[N,k]: f32[N,D]."""
+                   *, sim_quant: bool = False, kernels: str = "reference") -> jax.Array:
+    """``Σ_choices y_e`` for x [N,D], idx i32[N,k], w f32[N,k]: f32[N,D].
+
+    With ``kernels="pallas"`` and experts held as packed MXFP4, the grouped matmuls run
+    as the MXFP4 kernels (dequantized in registers, gate/up fused with the SwiGLU);
+    otherwise as ``ragged_dot`` over dense weights.
+    """
     n, k = idx.shape
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
     tok = order // k
     sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
     xs = x[tok]  # [N·k, D]
+    row_w = w.reshape(-1)[order]  # f32[N·k]
     if sim_quant:
         xs = ops.fp8_sim(xs, 128)
-    h = swiglu(
-        _ragged(xs, experts["w1"]["weight"], sizes), _ragged(xs, experts["w3"]["weight"], sizes),
-        cfg.swiglu_limit,
-    )
-    h = (h * w.reshape(-1)[order][:, None]).astype(x.dtype)
-    if sim_quant:
-        h = ops.fp8_sim(h, 128)
-    y = _ragged(h, experts["w2"]["weight"], sizes)  # f32[N·k, D]
+    packed = [_mxfp4(experts[n_]["weight"]) for n_ in ("w1", "w3", "w2")]
+    if kernels == "pallas" and all(q is not None for q in packed):
+        f, d = cfg.moe_intermediate_size, x.shape[-1]  # tiles no larger than the matrices
+        h = pk.mxfp4_swiglu(xs, packed[0], packed[1], sizes, row_w, limit=cfg.swiglu_limit,
+                            block_n=min(64, f), block_k=min(256, d))
+        if sim_quant:
+            h = ops.fp8_sim(h, 128)
+        y = pk.mxfp4_grouped_matmul(h, packed[2], sizes, block_n=min(64, d), block_k=min(256, f))  # f32[N·k,D]
+    else:
+        h = swiglu(
+            _ragged(xs, experts["w1"]["weight"], sizes), _ragged(xs, experts["w3"]["weight"], sizes),
+            cfg.swiglu_limit,
+        )
+        h = (h * row_w[:, None]).astype(x.dtype)
+        if sim_quant:
+            h = ops.fp8_sim(h, 128)
+        y = _ragged(h, experts["w2"]["weight"], sizes)  # f32[N·k, D]
     return jnp.zeros((n, x.shape[-1]), F32).at[tok].add(y)
 
 
@@ -82,17 +106,18 @@ def shared_expert(x: jax.Array, p: dict, cfg: Config, *, sim_quant: bool = False
     h = h.astype(x.dtype)
     if sim_quant:
         h = ops.fp8_sim(h, 128)
-    return jnp.einsum("...i,oi->...o", h, p["w2"]["weight"].astype(h.dtype), preferred_element_type=F32)
+    return jnp.einsum("...i,oi->...o", h, ops.dense(p["w2"]["weight"], h.dtype), preferred_element_type=F32)
 
 
-def moe(x: jax.Array, tokens: jax.Array, p: dict, layer: int, cfg: Config, *, sim_quant: bool = False):
+def moe(x: jax.Array, tokens: jax.Array, p: dict, layer: int, cfg: Config, *, sim_quant: bool = False,
+        kernels: str = "reference"):
     """The MoE sub-layer on normed input x [B,T,D] with token ids i32[B,T]: [B,T,D]."""
     b, t, d = x.shape
     xf = x.reshape(b * t, d)
     with jax.named_scope("route"):
         idx, w = route(xf, tokens.reshape(-1), p["gate"], cfg, cfg.mlp_kind(layer) == "hash")
     with jax.named_scope("experts"):
-        out = routed_experts(xf, idx, w, p["experts"], cfg, sim_quant=sim_quant)
+        out = routed_experts(xf, idx, w, p["experts"], cfg, sim_quant=sim_quant, kernels=kernels)
     if "shared_experts" in p:
         with jax.named_scope("shared"):
             out = out + shared_expert(xf, p["shared_experts"], cfg, sim_quant=sim_quant)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config, yarn_correction_range
+from dsv4_jax.quant import QuantizedWeight
 
 F32 = jnp.float32
 
@@ -29,7 +30,15 @@ def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- linear
-def linear(x: jax.Array, w: jax.Array, *, quant_act: bool = False) -> jax.Array:
+def dense(w, dtype) -> jax.Array:
+    """A weight as a plain array of ``dtype``; packed FP8 / MXFP4 weights (``quant.QuantizedWeight``,
+    kept in their checkpoint form) are dequantized here, inside the jitted step."""
+    if isinstance(w, QuantizedWeight):
+        return w.dequantize(dtype)
+    return w.astype(dtype)
+
+
+def linear(x: jax.Array, w, *, quant_act: bool = False) -> jax.Array:
     """``x @ wᵀ`` with fp32 accumulation, output in the activation dtype.
 
     ``quant_act`` rounds the activation to FP8 in 1×128 blocks first, as the reference
@@ -37,7 +46,7 @@ def linear(x: jax.Array, w: jax.Array, *, quant_act: bool = False) -> jax.Array:
     """
     if quant_act:
         x = fp8_sim(x, 128)
-    y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), preferred_element_type=F32)
+    y = jnp.einsum("...i,oi->...o", x, dense(w, x.dtype), preferred_element_type=F32)
     return y.astype(x.dtype)
 
 

@@ -169,3 +169,33 @@ def test_fp8_storage_runs_and_stays_close():
     full = full_logits("tiny", tokens)
     cos = (got * full).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(full, axis=-1)
     assert cos.mean() > 0.9
+
+
+def test_recompute_replay_rebuilds_exact_state_from_cached_entries():
+    """SWA ``recompute`` on a prefix hit (SERVING.md §1.6): sequence B shares A's first H tokens.
+    B's fresh slot replays only [H − W·L, H) over A's cached blocks (never rewriting them);
+    its continuation must equal B's full forward."""
+    cfg, params, _, _ = setup("tiny")
+    cc = cc_for("tiny", max_blocks=5)  # block_tokens 32
+    h = 128  # 4 cached blocks
+    r = h - cfg.sliding_window * cfg.num_hidden_layers  # 128 - 16*6 = 32
+    rng = np.random.RandomState(11)
+    prefix = rng.randint(0, cfg.vocab_size, h)
+    a = np.concatenate([prefix, rng.randint(0, cfg.vocab_size, 5)])
+    b = np.concatenate([prefix, rng.randint(0, cfg.vocab_size, 9)])
+    state = kvc.init_state(cfg, cc, poison=True)
+    _, state = run(cfg, cc, params, state, a, [64, 64, 5], 0, [7, 3, 9, 1, 11])
+    shared = [7, 3, 9, 1]
+    before = [np.asarray(x)[shared] for x in jax.tree.leaves([l.get("cmp") for l in state["layers"]])]
+    n = h - r
+    tok = np.zeros((1, 128), np.int64)
+    tok[0, :n] = b[r:h]
+    bt = block_table(shared + [10], 5)[None]
+    meta = kvc.StepMeta(np.array([2], np.int32), bt, np.array([n], np.int32), np.array([r], np.int32),
+                        np.array([h], np.int32))
+    _, state = step_fn(cfg, cc)(params, tok, np.arange(r, r + 128)[None], state, meta)
+    after = [np.asarray(x)[shared] for x in jax.tree.leaves([l.get("cmp") for l in state["layers"]])]
+    for x, y in zip(before, after):  # the shared blocks are never rewritten
+        np.testing.assert_array_equal(x, y)
+    got, _ = run(cfg, cc, params, state, b[h:], [1] * 9, 2, shared + [10], start=h)
+    assert_close(got, full_logits("tiny", b)[h:])
