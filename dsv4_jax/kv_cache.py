@@ -182,6 +182,29 @@ def init_state(cfg: Config, cc: CacheConfig, *, poison: bool = False) -> dict:
     return {"layers": layers}
 
 
+SLOT_KEYS = ("window", "tail", "itail")  # per-sequence (slot-indexed) parts of a layer's state
+
+
+def init_snapshots(cfg: Config, cc: CacheConfig, num: int) -> dict:
+    """A store of ``num`` SWA snapshots: each holds one slot's windows and tails (every layer),
+    as taken at a block boundary, for the ``full`` / ``checkpoint`` prefix strategies."""
+    per_slot = init_state(cfg, dataclasses.replace(cc, num_slots=max(num, 1), num_blocks=1))
+    return {"layers": [{k: v for k, v in layer.items() if k in SLOT_KEYS} for layer in per_slot["layers"]]}
+
+
+def copy_slot(dst: dict, dst_index: jax.Array, src: dict, src_index: jax.Array) -> dict:
+    """``dst[dst_index] = src[src_index]`` for the slot-indexed parts of every layer
+    (state → snapshot store to save, store → state to restore)."""
+    layers = []
+    for d, s in zip(dst["layers"], src["layers"]):
+        out = dict(d)
+        for key in SLOT_KEYS:
+            if key in s:
+                out[key] = put_rows(d[key], (dst_index[None],), take_rows(s[key], src_index[None]))
+        layers.append(out)
+    return {**dst, "layers": layers}
+
+
 def _tail(slots: int, rows: int, chans: int, poison: bool) -> dict:
     if poison:
         return {"k": jnp.full((slots, rows, chans), jnp.nan, F32), "g": jnp.full((slots, rows, chans), jnp.nan, F32)}

@@ -1,0 +1,188 @@
+"""The device side of the engine: turns a ``StepPlan`` into jitted steps over the decode state.
+
+The only engine module that imports jax. It owns, on device:
+
+* the decode state (``kv_cache.init_state``: rings, tails, paged pools), donated to
+  every step so XLA updates it in place;
+* the SWA snapshot store (``kv_cache.init_snapshots``) for the ``full`` / ``checkpoint``
+  prefix strategies;
+* the penalty tables (per-slot output counts and prompt masks) the sampler reads.
+
+One ``execute`` call: restore snapshots → reset / seed penalty tables for fresh works →
+run the decode rows (T = 1) and the prefill rows (T = a power-of-two bucket) as two jitted
+calls, each padded to a power-of-two batch → save snapshots → one device-to-host copy of
+the sampled tokens. Shapes come from a small set of buckets, so steady-state serving does
+not recompile; ``compilations`` counts traces so a test can check that.
+
+Host-side metadata (tokens, positions, slots, block tables, lengths, sampling arrays) is
+built as numpy arrays and goes to the device once per call.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4_jax import kv_cache as kvc
+from dsv4_jax import sampling
+from dsv4_jax.config import Config
+from dsv4_jax.engine.runner_api import RunnerLimits, SampleOut, SamplingParams, SeqWork, StepPlan
+from dsv4_jax.kv_accounting import kv_bytes
+from dsv4_jax.model import ModelOptions, forward
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, n - 1).bit_length())
+
+
+class JaxModelRunner:
+    """Implements ``runner_api.ModelRunner`` for one model replica."""
+
+    def __init__(self, cfg: Config, params, *, num_slots: int, num_blocks: int, block_tokens: int,
+                 max_blocks_per_seq: int, num_snapshots: int, max_batch: int, max_tokens_per_step: int,
+                 kv_format: str = "bf16", eos_token_id: int | None = None, opts: ModelOptions = ModelOptions(),
+                 dtype=jnp.bfloat16):
+        self.cfg, self.params, self.opts = cfg, params, opts
+        self.cc = kvc.CacheConfig(num_slots=num_slots, num_blocks=num_blocks, max_blocks_per_seq=max_blocks_per_seq,
+                                  block_tokens=block_tokens, fmt=kvc.KVFormat.parse(kv_format), dtype=dtype)
+        self.cc.validate(cfg)
+        acc = kv_bytes(cfg, self.cc.fmt, jnp.dtype(dtype).itemsize)
+        self.limits = RunnerLimits(
+            num_slots=num_slots, num_blocks=num_blocks, block_tokens=block_tokens,
+            max_blocks_per_seq=max_blocks_per_seq, num_snapshots=num_snapshots, max_batch=max_batch,
+            max_tokens_per_step=max_tokens_per_step, window=cfg.sliding_window, num_layers=cfg.num_hidden_layers,
+            vocab_size=cfg.vocab_size, eos_token_id=cfg.eos_token_id if eos_token_id is None else eos_token_id,
+            bytes_per_block=int(round(acc.bytes_per_token * block_tokens)), bytes_per_slot=acc.fixed_bytes_per_seq,
+        )  # fmt: skip
+        self.state = kvc.init_state(cfg, self.cc)
+        self.snapshots = kvc.init_snapshots(cfg, self.cc, num_snapshots)
+        self.counts = jnp.zeros((num_slots, cfg.vocab_size), jnp.int32)  # output-token counts per slot
+        self.prompt_mask = jnp.zeros((num_slots, cfg.vocab_size), bool)
+        self._counted: dict[int, int] = {}  # seq_id -> last position whose token is in the tables
+        self.compilations = 0
+        self._step = jax.jit(self._step_impl, donate_argnums=(1, 2, 3), static_argnames=("num_logprobs",))
+        self._copy = jax.jit(kvc.copy_slot, donate_argnums=(0,))
+        self._mark = jax.jit(sampling.update_counts, donate_argnums=(0, 1))
+        self._reset = jax.jit(sampling.reset_rows, donate_argnums=(0, 1))
+
+    # ------------------------------------------------------------------ device functions
+    def _step_impl(self, params, state, counts, pmask, tokens, positions, meta, sa, sample_mask, *, num_logprobs):
+        self.compilations += 1  # runs at trace time only
+        logits, state = forward(params, tokens, positions, state, meta, cfg=self.cfg, opts=self.opts, cache=self.cc,
+                                last_only=True)
+        rows = jnp.clip(meta.slots, 0, self.cc.num_slots - 1)
+        res = sampling.sample(logits[:, 0], sa, counts[rows], pmask[rows], num_logprobs=num_logprobs)
+        counts, pmask = sampling.update_counts(counts, pmask, meta.slots, res.tokens,
+                                               jnp.zeros_like(sample_mask), sample_mask)
+        return res, state, counts, pmask
+
+    # ------------------------------------------------------------------ host orchestration
+    def execute(self, plan: StepPlan) -> dict[int, SampleOut]:
+        works = plan.works
+        if len(works) > self.limits.max_batch:
+            raise ValueError(f"step plan has {len(works)} sequences; max_batch is {self.limits.max_batch}")
+        if sum(len(w.tokens) for w in works) > self.limits.max_tokens_per_step:
+            raise ValueError(f"step plan exceeds max_tokens_per_step={self.limits.max_tokens_per_step}")
+        for w in works:
+            if w.restore_snapshot is not None:
+                self.state = self._copy(self.state, jnp.int32(w.slot), self.snapshots, jnp.int32(w.restore_snapshot))
+        self._update_penalty_tables(works)
+        results = []
+        for group in ([w for w in works if len(w.tokens) == 1], [w for w in works if len(w.tokens) > 1]):
+            if group:
+                results.append((group, self._run_group(group)))
+        for w in works:
+            if w.save_snapshot is not None:
+                self.snapshots = self._copy(self.snapshots, jnp.int32(w.save_snapshot), self.state, jnp.int32(w.slot))
+        out: dict[int, SampleOut] = {}
+        for group, res in results:
+            res = jax.device_get(res)  # one transfer per group
+            for i, w in enumerate(group):
+                if not w.sample:
+                    continue
+                self._counted[w.seq_id] = w.start + len(w.tokens)
+                n = w.sampling.logprobs
+                out[w.seq_id] = SampleOut(
+                    token=int(res.tokens[i]),
+                    logprob=float(res.logprob[i]) if n is not None else None,
+                    top_logprobs=[(int(t), float(p)) for t, p in zip(res.top_ids[i, :n], res.top_logprobs[i, :n])]
+                    if n else ([] if n == 0 else None),
+                )
+        return out
+
+    def _run_group(self, group: list[SeqWork]):
+        b = min(_pow2(len(group)), max(self.limits.max_batch, len(group)))
+        t = 1 if all(len(w.tokens) == 1 for w in group) else _pow2(max(len(w.tokens) for w in group), 8)
+        mb = self.cc.max_blocks_per_seq
+        tokens = np.zeros((b, t), np.int32)
+        positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+        slots = np.full(b, self.cc.num_slots, np.int32)  # padding rows: no slot, nothing written
+        table = np.zeros((b, mb), np.int32)
+        lengths = np.zeros(b, np.int32)
+        state_start = np.zeros(b, np.int32)
+        cached_until = np.zeros(b, np.int32)
+        sample_mask = np.zeros(b, bool)
+        for i, w in enumerate(group):
+            n = len(w.tokens)
+            if len(w.block_ids) > mb:
+                raise ValueError(f"seq {w.seq_id}: {len(w.block_ids)} blocks > max_blocks_per_seq={mb}")
+            tokens[i, :n] = w.tokens
+            positions[i] = w.start + np.arange(t)
+            slots[i], lengths[i] = w.slot, n
+            table[i, : len(w.block_ids)] = w.block_ids
+            state_start[i], cached_until[i] = w.state_start, w.cached_until
+            sample_mask[i] = w.sample
+        params = [w.sampling for w in group] + [SamplingParams(temperature=0.0)] * (b - len(group))
+        sa = sampling.sampling_arrays(params[:b], [w.seed for w in group] + [0] * (b - len(group)),
+                                      [w.sample_index for w in group] + [0] * (b - len(group)), pad_to=b)
+        num_logprobs = SamplingParams.MAX_LOGPROBS if any(w.sampling.logprobs for w in group) else 0
+        meta = kvc.StepMeta(slots, table, lengths, state_start, cached_until)
+        res, self.state, self.counts, self.prompt_mask = self._step(
+            self.params, self.state, self.counts, self.prompt_mask, tokens, positions, meta, sa, sample_mask,
+            num_logprobs=num_logprobs)
+        return res
+
+    def _update_penalty_tables(self, works: list[SeqWork]) -> None:
+        """Reset fresh slots, then record every token the tables have not seen: prior tokens of
+        a fresh work (prefix hits), prompt tokens of chunks, replayed outputs (resumption).
+        Sampled tokens are recorded inside the step, so a decode input is never counted twice."""
+        if not any(w.sampling.repetition_penalty != 1 or w.sampling.presence_penalty or w.sampling.frequency_penalty
+                   for w in works):
+            for w in works:  # keep the bookkeeping so a later penalised request is exact
+                if w.fresh:
+                    self._counted[w.seq_id] = w.start - 1
+            return
+        fresh = [w for w in works if w.fresh]
+        if fresh:
+            n = _pow2(len(fresh))
+            slots = np.full(n, self.cc.num_slots, np.int32)
+            slots[: len(fresh)] = [w.slot for w in fresh]
+            self.counts, self.prompt_mask = self._reset(self.counts, self.prompt_mask, slots, slots < self.cc.num_slots)
+        rows: list[tuple[int, int, bool]] = []
+        for w in works:
+            if w.fresh:
+                for p, tok in enumerate(w.prior_tokens or []):
+                    rows.append((w.slot, tok, p < w.prompt_len))
+                self._counted[w.seq_id] = w.start - 1
+            done = self._counted.get(w.seq_id, w.start - 1)
+            for p, tok in enumerate(w.tokens, start=w.start):
+                if p < w.prompt_len or p > done:
+                    rows.append((w.slot, tok, p < w.prompt_len))
+            self._counted[w.seq_id] = max(done, w.start + len(w.tokens) - 1)
+        if rows:
+            n = _pow2(len(rows), 8)
+            arr = np.zeros((3, n), np.int32)
+            arr[:, : len(rows)] = np.asarray(rows, np.int32).T
+            valid = np.arange(n) < len(rows)
+            self.counts, self.prompt_mask = self._mark(self.counts, self.prompt_mask, arr[0], arr[1],
+                                                       arr[2].astype(bool), valid)
+
+    def forget(self, seq_id: int) -> None:
+        """Drop host bookkeeping of a finished or aborted sequence."""
+        self._counted.pop(seq_id, None)
+
+    @property
+    def state_bytes(self) -> int:
+        return kvc.state_bytes(self.state) + kvc.state_bytes(self.snapshots)
+
