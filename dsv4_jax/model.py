@@ -11,8 +11,9 @@ mHC(MoE) → HC head → final norm → untied head (fp32 logits).
 
 ``forward`` is the model boundary: ``forward(params, tokens, positions, state, meta)
 -> (logits, state)``. With ``state=None`` it runs whole sequences that start at
-position 0 (training, parity tests, one-shot prefill); the incremental state path
-plugs in through the same signature. jit, donation and shapes are the runner's.
+position 0 (training, parity tests); with a decode state (``kv_cache``) and a
+``StepMeta`` it continues each row's sequence by a prefill chunk or a decode step
+(``attention_state``). jit, donation and shapes are the runner's.
 """
 
 from __future__ import annotations
