@@ -25,6 +25,12 @@ Prefix reuse (SERVING.md §1.6) needs three more fields:
   ``< state_start`` do not exist for this replay; compressed entries at positions
   ``< cached_until`` come from the (shared, content-addressed) cache and are never
   rewritten. For an ordinary sequence both are 0.
+
+How the engine sets them (``dsv4_jax/engine/scheduler.py``): a replay chunk never straddles
+the hit point, so every work with ``start < cached_until`` lies wholly below it and carries
+both fields; works from the hit point on carry ``state_start = cached_until = 0``. The
+``checkpoint`` strategy's replay (after ``restore_snapshot``) has ``state_start = 0``.
+``prior_tokens`` gives the runner the tokens before ``start`` on a fresh work (penalties).
 """
 
 from __future__ import annotations
@@ -108,6 +114,10 @@ class SeqWork:
     restore_snapshot: int | None = None
     save_snapshot: int | None = None
     fresh: bool = False  # first work of this sequence in this slot: reset penalty counts
+    # On a fresh work that starts past 0 (prefix hit, restored snapshot, recompute replay):
+    # the tokens at positions [0, start) the runner will not see, so it can seed the penalty
+    # tables (positions >= prompt_len are outputs). None on every other work.
+    prior_tokens: list[int] | None = None
 
 
 @dataclasses.dataclass

@@ -1,0 +1,272 @@
+"""The engine loop: ``add_request`` / ``step`` / ``abort`` over a ``ModelRunner``.
+
+``step`` is schedule → ``runner.execute`` → postprocess (nano-vllm's split):
+
+* ``Scheduler.schedule`` picks this step's works (decodes, prefill chunks, admissions);
+* the runner runs them and returns one ``SampleOut`` per work that ends its sequence's known
+  tokens (``SeqWork.sample``);
+* ``Scheduler.commit`` advances the sequences and publishes complete blocks to the prefix
+  cache; then each sample is appended, detokenized and checked against the stop conditions
+  (EOS unless ``ignore_eos``, ``stop_token_ids``, ``stop`` strings, ``max_tokens``, the
+  context limit), and a finished sequence frees its slot and blocks at once.
+
+Every request is checked when it arrives (``add_request``): malformed ones and ones that can
+never fit (prompt at or past the context limit, state larger than the whole block pool) raise
+``RequestRefused`` naming the limit; ones that only have to wait are queued (FCFS).
+
+Token-id conventions (as vLLM): ``token_ids`` include the token that stopped generation
+(EOS or a stop token); the text does not include it, nor a matched stop string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import time
+
+from dsv4_jax.engine.block_manager import BlockManager
+from dsv4_jax.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from dsv4_jax.engine.prefix_cache import PrefixCache
+from dsv4_jax.engine.profiles import EngineConfig
+from dsv4_jax.engine.request import (
+    FinishReason,
+    Request,
+    RequestRefused,
+    RequestStatus,
+    SamplingParams,
+    Sequence,
+    cdiv,
+)  # fmt: skip
+from dsv4_jax.engine.runner_api import ModelRunner, SampleOut, StepPlan
+from dsv4_jax.engine.scheduler import Scheduler
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one step produced for one request (a streaming delta)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, config: EngineConfig | None = None, tokenizer=None, *,
+                 max_model_len: int | None = None):  # fmt: skip
+        """``runner``: anything implementing ``runner_api.ModelRunner``; its ``limits`` are the
+        pool sizes and budgets. ``config``: strategy and prefix-cache settings (its pool fields
+        were used to build the runner). ``max_model_len``: the context limit, further capped
+        by ``max_blocks_per_seq · block_tokens``."""
+        self.runner = runner
+        self.limits = lim = runner.limits
+        self.config = config = config or EngineConfig(block_tokens=lim.block_tokens)
+        self.tokenizer = tokenizer
+        iv = config.snapshot_interval
+        if config.enable_prefix_cache and iv is not None:
+            if iv % lim.block_tokens:
+                raise ValueError(
+                    f"snapshot interval {iv} is not a multiple of block_tokens={lim.block_tokens}"
+                )
+            if lim.num_snapshots == 0:
+                raise ValueError(f"swa_strategy={config.swa_strategy!r} keeps SWA snapshots, "
+                                 f"but the runner was built with num_snapshots=0")  # fmt: skip
+        ctx = lim.max_blocks_per_seq * lim.block_tokens
+        self._ctx_parts = [f"max_blocks_per_seq={lim.max_blocks_per_seq} × block_tokens={lim.block_tokens}"]
+        if max_model_len is not None and max_model_len < ctx:
+            ctx = max_model_len
+            self._ctx_parts.append(f"max_model_len={max_model_len}")
+        self.max_model_len = ctx
+        self.cache = PrefixCache() if config.enable_prefix_cache else None
+        self.block_manager = BlockManager(lim, self.cache)
+        self.scheduler = Scheduler(lim, config, self.block_manager, self.cache, ctx)
+        self._requests: dict[str, Request] = {}
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._stops: dict[str, StopChecker] = {}
+        self._emitted: dict[str, tuple[int, int]] = {}  # request id → (tokens, chars) streamed
+        self._pending: list[RequestOutput] = []  # abort notices for the next step
+        self._ids = itertools.count()  # request ids when the caller gives none
+        self._seq_ids = itertools.count()  # FCFS order
+        self._rng = random.Random(config.seed)
+        self.num_steps = 0
+        self.num_prompt_tokens = 0  # tokens fed as prefill (incl. replays and recomputes)
+        self.num_generated_tokens = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:  # fmt: skip
+        """Queue a request; returns its id. Raises ``RequestRefused`` if it can never run."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise RequestRefused(f"params must be a SamplingParams, got {type(params).__name__}")
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestRefused("a text prompt needs a tokenizer; pass token ids instead")
+            text, prompt = prompt, self.tokenizer.encode(prompt).ids
+        ids = [int(t) for t in prompt]
+        V, lim = self.limits.vocab_size, self.limits
+        if not ids:
+            raise RequestRefused("the prompt is empty")
+        if bad := [t for t in ids if not 0 <= t < V]:
+            raise RequestRefused(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
+        if params.stop and self.tokenizer is None:
+            raise RequestRefused("stop strings need a tokenizer (use stop_token_ids)")
+        if len(ids) >= self.max_model_len:
+            raise RequestRefused(
+                f"the prompt has {len(ids)} tokens; the context limit is {self.max_model_len} tokens "
+                f"({'; '.join(self._ctx_parts)}), and the completion needs at least one position"
+            )
+        worst = cdiv(min(len(ids) + params.max_tokens, self.max_model_len), lim.block_tokens)
+        if (why := self.block_manager.refusal(worst)) is not None:
+            raise RequestRefused(
+                f"request with {len(ids)} prompt tokens + max_tokens={params.max_tokens} {why}"
+            )
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self._requests:
+            raise RequestRefused(f"request id {rid!r} is already in use")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        req = Request(
+            rid, ids, params, seed, prompt=text, logprobs=[] if params.logprobs is not None else None
+        )
+        seq = Sequence(seq_id=next(self._seq_ids), request=req, tokens=list(ids))
+        self._requests[rid], self._seqs[rid] = req, seq
+        if self.tokenizer is not None:
+            self._detok[rid] = IncrementalDetokenizer(self.tokenizer)
+        self._stops[rid] = StopChecker(params.stop)
+        self._emitted[rid] = (0, 0)
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request: its slot, blocks and queue place are freed now. False if unknown
+        or already finished."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.request.finished:
+            return False
+        self.scheduler.abort(seq)
+        self._finish(seq, FinishReason.ABORT, free=False)
+        self._pending.append(self._delta(seq.request))
+        return True
+
+    def get_request(self, request_id: str) -> Request:
+        return self._requests[request_id]
+
+    def release(self, request_id: str) -> Request:
+        """Forget a finished request (the engine otherwise keeps it for ``get_request``)."""
+        req = self._requests[request_id]
+        if not req.finished:
+            raise ValueError(f"request {request_id!r} has not finished")
+        for d in (self._requests, self._seqs, self._detok, self._stops, self._emitted):
+            d.pop(request_id, None)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns a delta for every request that produced tokens, finished or
+        was aborted since the last step."""
+        outputs, self._pending = self._pending, []
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if self.scheduler.waiting:  # cannot happen with an idle pool: add_request refused what never fits
+                raise RuntimeError(f"engine stalled: {self.scheduler.waiting[0].wait_reason}")
+            return outputs
+        samples = self.runner.execute(StepPlan([sc.work for sc in scheduled]))
+        now = time.monotonic()
+        self.num_steps += 1
+        self.scheduler.commit(scheduled)
+        for sc in scheduled:
+            if not sc.decode:
+                self.num_prompt_tokens += len(sc.work.tokens)
+            if not sc.work.sample:
+                continue
+            if sc.seq.seq_id not in samples:
+                raise RuntimeError(f"the runner returned no sample for sequence {sc.seq.seq_id}")
+            self._append(sc.seq, samples[sc.seq.seq_id], now)
+            outputs.append(self._delta(sc.seq.request))
+        return outputs
+
+    def _append(self, seq: Sequence, out: SampleOut, now: float) -> None:
+        req, sp, tok = seq.request, seq.request.sampling, int(out.token)
+        seq.tokens.append(tok)
+        req.output_token_ids.append(tok)
+        self.num_generated_tokens += 1
+        m = req.metrics
+        m.token_times.append(now)
+        if m.first_token is None:
+            m.first_token = now
+        if req.logprobs is not None:
+            req.logprobs.append((out.logprob, out.top_logprobs))
+        reason = None
+        if tok == self.limits.eos_token_id and not sp.ignore_eos:
+            reason = FinishReason.STOP
+        elif tok in sp.stop_token_ids:
+            reason, req.stop_reason = FinishReason.STOP, tok
+        elif (detok := self._detok.get(req.request_id)) is not None:
+            old = len(req.output_text)
+            req.output_text += detok.push(tok)
+            if (hit := self._stops[req.request_id].find(req.output_text, old)) is not None:
+                req.output_text = req.output_text[: hit[0]]
+                reason, req.stop_reason = FinishReason.STOP, hit[1]
+        if reason is None and (
+            len(req.output_token_ids) >= sp.max_tokens or len(seq.tokens) >= self.max_model_len
+        ):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            if reason is FinishReason.LENGTH and (detok := self._detok.get(req.request_id)) is not None:
+                req.output_text += detok.flush()
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, free: bool = True) -> None:
+        req = seq.request
+        if free:
+            self.scheduler.finish(seq)
+        req.status, req.finish_reason = RequestStatus.FINISHED, reason
+        req.metrics.finished = time.monotonic()
+        forget = getattr(self.runner, "forget", None)  # optional runner hook: drop per-sequence bookkeeping
+        if forget is not None:
+            forget(seq.seq_id)
+
+    def _delta(self, req: Request) -> RequestOutput:
+        n_tok, n_chr = self._emitted[req.request_id]
+        text, n_chr = self._stops[req.request_id].emit(req.output_text, n_chr, req.finished)
+        self._emitted[req.request_id] = (len(req.output_token_ids), n_chr)
+        reason = req.finish_reason.value if req.finish_reason else None
+        return RequestOutput(req.request_id, req.output_token_ids[n_tok:], text, req.finished, reason)
+
+    # ------------------------------------------------------------------ state and counters
+    def reset_prefix_cache(self) -> int:
+        """Evict every unused prefix-cache entry; returns how many blocks went back to the free list."""
+        return self.block_manager.drop_cached()
+
+    def stats(self) -> dict:
+        """Counters (cumulative) and gauges (now), flat, for logs and Prometheus."""
+        bm, lim = self.block_manager, self.limits
+        s = {
+            "steps": self.num_steps,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generated_tokens": self.num_generated_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            "requests_waiting": len(self.scheduler.waiting),
+            "requests_running": len(self.scheduler.running),
+            "blocks_total": lim.num_blocks,
+            "blocks_free": bm.num_free_blocks,
+            "blocks_available": bm.num_available_blocks,
+            "blocks_cached": len(self.cache) if self.cache else 0,
+            "slots_free": bm.num_free_slots,
+            "snapshots_free": bm.num_free_snapshots,
+            "kv_bytes_in_use": bm.bytes_of(
+                lim.num_blocks - bm.num_free_blocks, lim.num_slots - bm.num_free_slots
+            ),
+        }
+        if self.cache is not None:
+            c = dataclasses.asdict(self.cache.counters)
+            s.update({f"prefix_cache_{k}": v for k, v in c.items()})
+            s["prefix_cache_hit_rate"] = c["hit_tokens"] / c["query_tokens"] if c["query_tokens"] else 0.0
+        return s

@@ -1,0 +1,211 @@
+"""Engine configuration and named endpoint profiles (SERVING.md §2.3, §1.6; docs/PROFILES.md).
+
+V4's savings are workload-dependent: short chat is bound by weights and MoE and wants small
+chunks and cheap prefix hits, while 100K+ decode-heavy work is bound by KV capacity and
+wants compact storage and SWA recompute. A profile is one frozen ``EngineConfig`` that fixes
+the knobs that must agree between the engine and the model runner: block size, token budget
+per step, batch, SWA strategy, snapshot interval, KV storage format, pool sizes.
+
+``make_config(profile, swa_strategy=None, **overrides)`` is the single entry point (used by
+``LLM`` and by ``add_cli_args`` / ``config_from_args`` for ``--profile``-style flags).
+``plan_pools`` turns a config plus the per-unit byte costs of the state accounting into
+pool sizes; it takes plain numbers so this module, like all of ``engine/`` except the
+model runner, never imports jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+SWA_STRATEGIES = ("full", "checkpoint", "recompute")
+KV_FORMATS = ("bf16", "fp8", "fp8-fp4")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    block_tokens: int = 256  # native positions per logical block (a multiple of every compress ratio)
+    max_tokens_per_step: int = 4096  # token budget per step: prefill chunks + decodes
+    max_batch: int = 64  # sequences per step (and running at once)
+    max_model_len: int | None = None  # context limit; None: the checkpoint's max_position_embeddings
+    swa_strategy: str = "checkpoint"  # full | checkpoint | recompute (SERVING.md §1.6)
+    checkpoint_interval: int = 4096  # tokens between SWA snapshots for "checkpoint"
+    kv_format: str = "fp8"  # bf16 | fp8 | fp8-fp4 (kv_cache.KVFormat.parse)
+    enable_prefix_cache: bool = True
+    num_slots: int | None = None  # state slots; None: max_batch
+    num_snapshots: int = 256  # SWA snapshot store entries (full / checkpoint)
+    num_blocks: int | None = None  # pool blocks; None: from kv_cache_bytes, else slots × max blocks per seq
+    kv_cache_bytes: int | None = None  # device bytes for blocks + slots + snapshots together
+    seed: int = 0  # draws the seeds of requests that gave none
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"EngineConfig.{field}: {why} (got {getattr(self, field)!r})")
+
+        for f in ("block_tokens", "max_tokens_per_step", "max_batch", "checkpoint_interval"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                bad(f, "must be a positive integer")
+        if self.swa_strategy not in SWA_STRATEGIES:
+            bad("swa_strategy", f"must be one of {SWA_STRATEGIES}")
+        if self.kv_format not in KV_FORMATS:
+            bad("kv_format", f"must be one of {KV_FORMATS}")
+        if self.swa_strategy == "checkpoint" and self.checkpoint_interval % self.block_tokens:
+            bad("checkpoint_interval", f"must be a multiple of block_tokens={self.block_tokens}")
+        if self.num_snapshots < 0:
+            bad("num_snapshots", "must be >= 0")
+        if self.enable_prefix_cache and self.swa_strategy != "recompute" and self.num_snapshots == 0:
+            bad("num_snapshots", f"swa_strategy={self.swa_strategy!r} keeps SWA snapshots; give it some")
+        for f in ("max_model_len", "num_slots", "num_blocks", "kv_cache_bytes"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                bad(f, "must be a positive integer or None")
+
+    @property
+    def snapshot_interval(self) -> int | None:
+        """Positions between SWA snapshots: every block (full), every p tokens (checkpoint),
+        none (recompute, or no prefix cache)."""
+        if not self.enable_prefix_cache or self.swa_strategy == "recompute":
+            return None
+        return self.block_tokens if self.swa_strategy == "full" else self.checkpoint_interval
+
+
+PROFILES: dict[str, EngineConfig] = {
+    # Short contexts (<= 32K), interactive: small blocks so short shared prefixes still hit
+    # (the minimum hit is one block), a small token budget so prefill chunks never stall
+    # decodes for long, and full SWA snapshots per block (cheap at short context) so a hit
+    # costs no recompute at all.
+    "chat": EngineConfig(
+        block_tokens=128, max_tokens_per_step=2048, max_batch=128, max_model_len=32768,
+        swa_strategy="full", kv_format="bf16", num_snapshots=512,
+    ),
+    # Mixed traffic up to 128K: snapshots every 4K tokens bound the replay on a hit to 4K
+    # while storing 1/32 of what full SWA caching would; FP8 rows halve the pools.
+    "balanced": EngineConfig(
+        block_tokens=256, max_tokens_per_step=4096, max_batch=64, max_model_len=131072,
+        swa_strategy="checkpoint", checkpoint_interval=4096, kv_format="fp8", num_snapshots=256,
+    ),
+    # Decode-heavy 100K+ work (agents, coding, research): capacity first. No SWA storage at
+    # all; a hit replays window × layers tokens (5,504 for Flash) over cached compressed
+    # entries, exact, whatever the prefix length. FP8 rows + FP4 indexer keys; large chunks
+    # for 100K prompts; few sequences, each with a long context.
+    "long-context": EngineConfig(
+        block_tokens=256, max_tokens_per_step=8192, max_batch=16, max_model_len=None,
+        swa_strategy="recompute", kv_format="fp8-fp4", num_snapshots=0,
+    ),
+}  # fmt: skip
+DEFAULT_PROFILE = "balanced"
+
+
+def make_config(profile: str | None = None, swa_strategy: str | None = None, **overrides) -> EngineConfig:
+    """The named profile (default ``balanced``) with ``swa_strategy`` and field overrides applied."""
+    name = DEFAULT_PROFILE if profile is None else profile
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; known: {sorted(PROFILES)}")
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown engine argument(s) {unknown}; EngineConfig fields: {sorted(fields)}")
+    base = PROFILES[name]
+    if swa_strategy is not None:
+        overrides["swa_strategy"] = swa_strategy
+        # A recompute profile keeps no snapshots; switching it to a snapshot strategy needs some.
+        if swa_strategy != "recompute" and base.num_snapshots == 0 and "num_snapshots" not in overrides:
+            overrides["num_snapshots"] = 256
+    return dataclasses.replace(base, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolPlan:
+    """Pool sizes for the model runner, and their bytes."""
+
+    num_slots: int
+    num_blocks: int
+    num_snapshots: int
+    max_blocks_per_seq: int
+    max_model_len: int
+    bytes_per_block: int
+    bytes_per_slot: int
+
+    @property
+    def total_bytes(self) -> int:
+        return (
+            self.num_blocks * self.bytes_per_block
+            + (self.num_slots + self.num_snapshots) * self.bytes_per_slot
+        )
+
+
+def plan_pools(
+    ec: EngineConfig, bytes_per_token: float, bytes_per_slot: int, max_position_embeddings: int
+) -> PoolPlan:
+    """Pool sizes for ``ec``. ``bytes_per_token`` / ``bytes_per_slot``: the state accounting's
+    per-token cost of all compressed pools and fixed per-sequence cost (windows + tails), as
+    ``kv_accounting.kv_bytes(cfg, fmt)`` gives them; a snapshot costs what a slot does."""
+    max_len = min(ec.max_model_len or max_position_embeddings, max_position_embeddings)
+    max_blocks = -(-max_len // ec.block_tokens)
+    max_len = min(max_len, max_blocks * ec.block_tokens)
+    per_block = round(bytes_per_token * ec.block_tokens)
+    slots = ec.num_slots or ec.max_batch
+    snaps = ec.num_snapshots if ec.snapshot_interval else 0
+    if ec.num_blocks is not None:
+        blocks = ec.num_blocks
+    elif ec.kv_cache_bytes is not None:
+        left = ec.kv_cache_bytes - (slots + snaps) * bytes_per_slot
+        blocks = left // per_block if left > 0 else 0
+        if blocks < max_blocks:
+            raise ValueError(
+                f"kv_cache_bytes={ec.kv_cache_bytes:,} leaves {max(blocks, 0)} blocks after {slots} slots and "
+                f"{snaps} snapshots of {bytes_per_slot:,} B; one sequence at max_model_len={max_len} needs "
+                f"{max_blocks} blocks of {per_block:,} B. Raise kv_cache_bytes or lower max_model_len / "
+                f"num_slots / num_snapshots."
+            )
+    else:
+        blocks = slots * max_blocks
+    return PoolPlan(slots, blocks, snaps, max_blocks, max_len, per_block, int(bytes_per_slot))
+
+
+# ----------------------------------------------------------------------------- CLI flags
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """``--profile``, ``--swa-strategy`` and the main overrides, for scripts and the server."""
+    g = parser.add_argument_group("engine")
+    g.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default=None,
+        help=f"endpoint profile (default {DEFAULT_PROFILE}); docs/PROFILES.md says which to use",
+    )
+    g.add_argument(
+        "--swa-strategy", choices=SWA_STRATEGIES, default=None, help="override the profile's SWA strategy"
+    )
+    for name, typ in (
+        ("block-tokens", int),
+        ("max-tokens-per-step", int),
+        ("max-batch", int),
+        ("max-model-len", int),
+        ("checkpoint-interval", int),
+        ("num-snapshots", int),
+        ("num-blocks", int),
+        ("num-slots", int),
+        ("kv-cache-bytes", int),
+        ("kv-format", str),
+    ):
+        g.add_argument(f"--{name}", type=typ, default=None)
+    g.add_argument("--no-prefix-cache", action="store_true")  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    keys = (
+        "block_tokens",
+        "max_tokens_per_step",
+        "max_batch",
+        "max_model_len",
+        "checkpoint_interval",
+        "num_snapshots",
+        "num_blocks",
+        "num_slots",
+        "kv_cache_bytes",
+        "kv_format",
+    )
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "no_prefix_cache", False):
+        overrides["enable_prefix_cache"] = False
+    return make_config(args.profile, args.swa_strategy, **overrides)

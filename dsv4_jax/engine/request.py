@@ -1,0 +1,137 @@
+"""Host-side request state: what the user asked for (``Request``) and where the engine is with it
+(``Sequence``). Plain dataclasses, no device arrays (STYLE.md habit 10).
+
+A ``Request`` lives from ``add_request`` to its finish and carries everything the user sees:
+prompt, sampling parameters, sampled tokens, text, finish reason, timestamps. A ``Sequence``
+is the scheduler's view of the same request while it holds (or waits for) device state: the
+token history that must be in the state, how much of it is, the pool blocks and the state
+slot. Preemption by recompute throws the ``Sequence``'s device state away and keeps the
+``Request``: outputs already returned to the user stay returned.
+
+Positions (ARCHITECTURE.md §5.5): ``tokens[p]`` sits at position ``p``; positions
+``[0, num_computed)`` are in the state (their window/tail rows in ``slot``, their compressed
+entries in ``block_ids``). A work feeds ``tokens[num_computed:end]``; when ``end ==
+len(tokens)`` the runner samples the next token from the last of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import time
+
+from dsv4_jax.engine.runner_api import SamplingParams
+
+__all__ = [
+    "FinishReason", "Request", "RequestMetrics", "RequestRefused", "RequestStatus", "SamplingParams",
+    "Sequence", "cdiv",
+]  # fmt: skip
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class RequestRefused(ValueError):
+    """A request the engine can never serve (too long for the context, larger than the pools,
+    malformed); the message names the limit. Requests that merely have to wait are queued."""
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued: not admitted yet, or preempted and waiting to resume
+    RUNNING = "running"  # holds a slot and blocks
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # cancelled by the caller
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    """Timestamps (``time.monotonic()`` seconds) for TTFT and per-token latency."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)  # one per sampled token
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token."""
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        return [b - a for a, b in itertools.pairwise(self.token_times)]
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finished is None else self.finished - self.arrival
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    seed: int  # the user's seed, or one the engine drew: tokens are reproducible either way
+    prompt: str | None = None
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    output_text: str = ""
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[tuple[float | None, list[tuple[int, float]] | None]] | None = None
+    num_preemptions: int = 0
+    metrics: RequestMetrics = dataclasses.field(default_factory=lambda: RequestMetrics(time.monotonic()))
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """The scheduler's state of one request. ``seq_id`` orders FCFS (lower = earlier)."""
+
+    seq_id: int
+    request: Request
+    tokens: list[int]  # prompt + outputs: the history the state must hold
+    num_computed: int = 0  # positions [0, num_computed) are in the state
+    block_ids: list[int] = dataclasses.field(default_factory=list)  # entry i: positions [i·bt, (i+1)·bt)
+    slot: int | None = None
+    # Prefix-cache bookkeeping (prefix_cache.py): chain keys of the full blocks computed so
+    # far (content only, so they survive preemption), and how many leading blocks are
+    # already cache entries (shared on admission, or registered once complete).
+    block_keys: list[bytes] = dataclasses.field(default_factory=list)
+    num_registered: int = 0
+    # Resume point of the current residency (scheduler._admit): blocks below ``cached_until``
+    # are shared cache entries, read-only; a fresh slot starts at ``state_start`` (recompute)
+    # or from ``restore_snapshot`` (full / checkpoint).
+    cached_until: int = 0
+    state_start: int = 0
+    restore_snapshot: int | None = None
+    fresh: bool = True  # the next work is the first in this slot
+    wait_reason: str = ""  # why it is not admitted yet (for stats and error messages)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens still to feed before the next sample (1 in the decode phase)."""
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.num_remaining == 1 and len(self.tokens) > self.prompt_len
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, len={len(self.tokens)}, computed={self.num_computed}, "
+                f"blocks={len(self.block_ids)}, slot={self.slot})")  # fmt: skip

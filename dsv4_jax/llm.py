@@ -1,0 +1,166 @@
+"""The offline Python API (vLLM's ``LLM`` shape):
+
+    from dsv4_jax import LLM, SamplingParams
+    llm = LLM("checkpoints/demo", profile="chat")
+    outs = llm.generate(["Hello", [0, 41, 609]], SamplingParams(temperature=0, max_tokens=32))
+    for delta in llm.stream("Hello", SamplingParams(max_tokens=32)):
+        print(delta.text, end="")
+
+``LLM.__init__`` loads the checkpoint and tokenizer, resolves the endpoint profile
+(``engine/profiles.py``; ``swa_strategy`` and any ``EngineConfig`` field override it), sizes
+the pools from the state's byte accounting and builds the device-side ``JaxModelRunner``;
+everything after that is the host engine (``engine/llm_engine.py``). ``LLM.from_engine``
+wraps an engine built around any other runner (tests use a fake one).
+
+A prompt is a string (tokenized without added special tokens: build chat prompts with the
+DeepSeek markers yourself) or a list of token ids. ``Output.token_ids`` / ``Output.text`` hold
+the completion only.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import numbers
+from collections.abc import Iterator, Sequence
+
+from dsv4_jax.engine.llm_engine import LLMEngine
+from dsv4_jax.engine.profiles import PoolPlan, make_config, plan_pools
+from dsv4_jax.engine.request import RequestMetrics
+from dsv4_jax.engine.runner_api import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+@dataclasses.dataclass
+class Output:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # the completion, including a final EOS / stop token
+    text: str  # the completion's text, without the EOS / stop token or matched stop string
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None  # the stop token id or stop string, if one ended it
+    logprobs: list | None  # per token (logprob, top [(id, logprob)]) when params.logprobs is set
+    metrics: RequestMetrics  # arrival / first token / finish times, per-token times
+
+
+@dataclasses.dataclass
+class StreamOutput:
+    """One streaming delta: the tokens and text produced since the previous one."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+
+
+def _is_token_list(p) -> bool:
+    return not isinstance(p, str) and all(isinstance(t, numbers.Integral) for t in p)
+
+
+class LLM:
+    def __init__(self, checkpoint_dir: str, profile: str | None = None, swa_strategy: str | None = None, *,
+                 dtype: str = "bfloat16", **engine_args):  # fmt: skip
+        import jax.numpy as jnp  # the device side; the engine itself stays host-only
+
+        from dsv4_jax.checkpoint import load_checkpoint, load_tokenizer
+        from dsv4_jax.kv_accounting import kv_bytes
+        from dsv4_jax.kv_cache import KVFormat
+
+        config = make_config(profile, swa_strategy, **engine_args)
+        cfg, params = load_checkpoint(checkpoint_dir, getattr(jnp, dtype))
+        tokenizer = load_tokenizer(checkpoint_dir, cfg)
+        for r in sorted({r for r in cfg.compress_ratios if r}):
+            if config.block_tokens % r:
+                raise ValueError(
+                    f"block_tokens={config.block_tokens} must be a multiple of compress ratio {r}"
+                )
+        acc = kv_bytes(cfg, KVFormat.parse(config.kv_format))
+        pools = plan_pools(config, acc.bytes_per_token, acc.fixed_bytes_per_seq, cfg.max_position_embeddings)
+
+        from dsv4_jax.engine.model_runner import JaxModelRunner
+
+        runner = JaxModelRunner(
+            cfg, params, num_slots=pools.num_slots, num_blocks=pools.num_blocks,
+            block_tokens=config.block_tokens, max_blocks_per_seq=pools.max_blocks_per_seq,
+            num_snapshots=pools.num_snapshots, max_batch=config.max_batch,
+            max_tokens_per_step=config.max_tokens_per_step, kv_format=config.kv_format,
+            eos_token_id=cfg.eos_token_id,
+        )  # fmt: skip
+        self.model_config = cfg
+        self.pools: PoolPlan | None = pools
+        self._init(LLMEngine(runner, config, tokenizer, max_model_len=pools.max_model_len))
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """An ``LLM`` over an existing engine (any runner)."""
+        llm = cls.__new__(cls)
+        llm.model_config, llm.pools = None, None
+        llm._init(engine)
+        return llm
+
+    def _init(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self._queues: dict[str, collections.deque[StreamOutput]] = {}
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Output]:  # fmt: skip
+        """Run every prompt to completion (batched together); outputs in prompt order."""
+        if isinstance(prompts, str) or (len(prompts) and _is_token_list(prompts)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(p, sp))
+            while any(not self.engine.get_request(r).finished for r in ids):
+                self._pump()
+        except BaseException:
+            for r in ids:
+                self.engine.abort(r)
+                self.engine.release(r)
+            raise
+        return [self._output(self.engine.release(r)) for r in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamOutput]:
+        """Yield deltas as the request generates. Other requests in the engine (other streams,
+        ``generate`` calls) progress too. Closing the generator early aborts the request."""
+        rid = self.engine.add_request(prompt, params)
+        q = self._queues[rid] = collections.deque()
+        try:
+            while True:
+                while q:
+                    d = q.popleft()
+                    yield d
+                    if d.finished:
+                        return
+                self._pump()
+        finally:
+            self._queues.pop(rid, None)
+            self.engine.abort(rid)  # no-op when finished
+            self.engine.release(rid)
+
+    def _pump(self) -> None:
+        for o in self.engine.step():
+            q = self._queues.get(o.request_id)
+            if q is not None:
+                q.append(StreamOutput(o.request_id, o.new_token_ids, o.new_text, o.finished, o.finish_reason))
+
+    @staticmethod
+    def _output(req) -> Output:
+        return Output(
+            req.request_id, req.prompt, list(req.prompt_token_ids), list(req.output_token_ids), req.output_text,
+            req.finish_reason.value if req.finish_reason else None, req.stop_reason, req.logprobs, req.metrics,
+        )  # fmt: skip
+
+    def stats(self) -> dict:
+        return self.engine.stats()

@@ -1,0 +1,247 @@
+"""A deterministic ``ModelRunner`` that enforces the runner contract (runner_api.py).
+
+The fake "model": the token sampled after position p is a hash of the *entire* history
+``tokens[0..p]`` (greedy), or of (history, seed, sample_index) when temperature > 0. The
+history is not taken from the plan: it is reconstructed from the fake's own state, which
+mirrors the real one:
+
+* ``slots[s]``: the history the slot's windows/tails stand for, and from which position
+  that window is exact (a recompute replay from R is exact only from R + window·num_layers);
+* ``blocks[b]``: the history up to the last position written into block b (its compressed
+  entries summarise everything before them, as in the real model);
+* ``snapshots[n]``: the history at the boundary where the snapshot was saved.
+
+So a plan that restores the wrong snapshot, reads a block written for another history,
+or continues a slot from the wrong position produces different tokens, and the test
+comparing with a cold run fails. On top of that, contract violations raise
+``ContractError`` at once: a chunk that does not continue its slot, a fresh slot starting
+mid-sequence without ``state_start``, a snapshot restored at another position or
+another history, a snapshot saved off a boundary (or off the strategy's grid), a write into a
+block that is shared or published in the prefix cache (checked against the engine's block
+manager), a rewrite below ``cached_until``, a read of a block that does not hold this
+history, a sample or snapshot from a window rebuilt by a replay shorter than window·num_layers,
+and a step over the token budget or batch limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dsv4_jax.engine.runner_api import RunnerLimits, SampleOut, SeqWork, StepPlan
+
+
+class ContractError(AssertionError):
+    pass
+
+
+def require(cond, msg):
+    if not cond:
+        raise ContractError(msg)
+
+
+def fake_token(history, vocab, temperature=0.0, seed=0, sample_index=0) -> int:
+    key = tuple(history) if temperature == 0 else (tuple(history), seed, sample_index)
+    return hash(key) % vocab
+
+
+def reference_generate(prompt, max_tokens, vocab, eos=None, temperature=0.0, seed=0):
+    """The fake model run alone, without any state: what every engine run must reproduce."""
+    hist, out = list(prompt), []
+    for i in range(max_tokens):
+        t = fake_token(hist, vocab, temperature, seed, i)
+        out.append(t)
+        hist.append(t)
+        if t == eos:
+            break
+    return out
+
+
+def make_limits(**kw) -> RunnerLimits:
+    base = {
+        "num_slots": 4,
+        "num_blocks": 64,
+        "block_tokens": 16,
+        "max_blocks_per_seq": 32,
+        "num_snapshots": 32,
+        "max_batch": 4,
+        "max_tokens_per_step": 64,
+        "window": 16,
+        "num_layers": 3,
+        "vocab_size": 1000,
+        "eos_token_id": 1,
+        "bytes_per_block": 1000,
+        "bytes_per_slot": 5000,
+    }
+    base.update(kw)
+    return RunnerLimits(**base)
+
+
+@dataclasses.dataclass
+class SlotState:
+    seq_id: int
+    hist: list[int]
+    exact_from: int  # samples and snapshots need len(hist) >= exact_from
+
+
+class FakeRunner:
+    def __init__(self, limits: RunnerLimits | None = None, snapshot_interval: int | None = None, **kw):
+        self.limits = limits or make_limits(**kw)
+        self.snapshot_interval = snapshot_interval  # if set, snapshots must sit on this grid
+        self.bm = None  # the engine's BlockManager, for the shared-block write check
+        self.slots: dict[int, SlotState] = {}
+        self.blocks: dict[int, tuple[int, ...]] = {}
+        self.snapshots: dict[int, tuple[int, ...]] = {}
+        self.plans: list[StepPlan] = []
+        self.saved: list[tuple[int, int]] = []  # (seq_id, boundary) of every snapshot save
+        self.restored: list[tuple[int, int]] = []  # (seq_id, position)
+        self.replays: list[tuple[int, int, int]] = []  # (seq_id, state_start, cached_until)
+
+    def bind(self, engine):
+        self.bm = engine.block_manager
+        return self
+
+    # ------------------------------------------------------------------ the step
+    def execute(self, plan: StepPlan) -> dict[int, SampleOut]:
+        L = self.limits
+        works = plan.works
+        require(0 < len(works) <= L.max_batch, f"{len(works)} works, max_batch={L.max_batch}")
+        n = sum(len(w.tokens) for w in works)
+        require(n <= L.max_tokens_per_step, f"{n} tokens in a step, budget {L.max_tokens_per_step}")
+        require(len({w.seq_id for w in works}) == len(works), "a sequence twice in one step")
+        require(len({w.slot for w in works}) == len(works), "a slot twice in one step")
+        self.plans.append(plan)
+        out = {}
+        for w in works:
+            tok = self._run(w)
+            if tok is not None:
+                out[w.seq_id] = SampleOut(tok, logprob=-1.0 if w.sampling.logprobs is not None else None)
+        return out
+
+    def _run(self, w: SeqWork) -> int | None:
+        L, bt = self.limits, self.limits.block_tokens
+        end = w.start + len(w.tokens)
+        require(len(w.tokens) >= 1, "empty work")
+        require(len(w.block_ids) <= L.max_blocks_per_seq, "more blocks than max_blocks_per_seq")
+        require(end <= len(w.block_ids) * bt, f"positions up to {end} but only {len(w.block_ids)} blocks")
+        require(0 <= w.slot < L.num_slots, f"slot {w.slot} out of range")
+        require(w.state_start <= w.start, "state_start after start")
+        if w.cached_until:
+            require(end <= w.cached_until, "a replay chunk straddles cached_until")
+        if w.fresh:
+            st = self._fresh(w)
+        else:
+            st = self.slots.get(w.slot)
+            require(st is not None and st.seq_id == w.seq_id, f"slot {w.slot} does not hold seq {w.seq_id}")
+            require(w.restore_snapshot is None, "restore on a non-fresh work")
+            require(
+                len(st.hist) == w.start, f"seq {w.seq_id}: slot at {len(st.hist)}, work starts at {w.start}"
+            )
+        self._check_reads(w.block_ids, st.hist, w.start)
+        st.hist.extend(w.tokens)
+        self._write(w, st.hist, end)
+        if w.save_snapshot is not None:
+            require(end % bt == 0, f"snapshot at {end}, not a block boundary")
+            if self.snapshot_interval:
+                require(
+                    end % self.snapshot_interval == 0,
+                    f"snapshot at {end}, off the {self.snapshot_interval} grid",
+                )
+            require(end >= st.exact_from, f"snapshot at {end} of a window exact only from {st.exact_from}")
+            self.snapshots[w.save_snapshot] = tuple(st.hist)
+            self.saved.append((w.seq_id, end))
+        if not w.sample:
+            return None
+        require(end >= st.exact_from,
+                f"sample at {end}: replay from {w.state_start or '?'} shorter than window·num_layers")  # fmt: skip
+        sp = w.sampling
+        return fake_token(st.hist, L.vocab_size, sp.temperature, w.seed, w.sample_index)
+
+    def _fresh(self, w: SeqWork) -> SlotState:
+        L, bt = self.limits, self.limits.block_tokens
+        if w.start:
+            require(w.prior_tokens is not None and len(w.prior_tokens) == w.start, "prior_tokens missing")
+        if w.restore_snapshot is not None:
+            snap = self.snapshots.get(w.restore_snapshot)
+            require(snap is not None, f"restore of snapshot {w.restore_snapshot}, never saved")
+            if self.bm is not None:
+                require(w.restore_snapshot not in self.bm._free_snapshots, "restore of a freed snapshot")
+            require(len(snap) == w.start, f"snapshot at {len(snap)} restored for a work at {w.start}")
+            require(w.state_start == 0, "state_start with a restored snapshot")
+            st = SlotState(w.seq_id, list(snap), 0)
+            self.restored.append((w.seq_id, w.start))
+        elif w.start == 0:
+            st = SlotState(w.seq_id, [], 0)
+        else:  # recompute replay: history before state_start only via the cached compressed entries
+            require(
+                w.state_start == w.start, f"fresh slot starts at {w.start} without a snapshot or state_start"
+            )
+            require(w.start % bt == 0, "state_start off a block boundary")
+            prev = self.blocks.get(w.block_ids[w.start // bt - 1])
+            require(
+                prev is not None and len(prev) == w.start, f"no complete block before state_start {w.start}"
+            )
+            st = SlotState(w.seq_id, list(prev), w.start + L.window * L.num_layers)
+            self.replays.append((w.seq_id, w.state_start, w.cached_until))
+        self.slots[w.slot] = st
+        return st
+
+    def _check_reads(self, block_ids, hist, upto):
+        """Every block below ``upto`` must hold exactly this history (its compressed entries
+        are read by every later position)."""
+        bt = self.limits.block_tokens
+        for i in range(-(-upto // bt)):
+            e = min((i + 1) * bt, upto)
+            got = self.blocks.get(block_ids[i])
+            require(got is not None and len(got) >= e and got[:e] == tuple(hist[:e]),
+                    f"block {block_ids[i]} (index {i}) does not hold this history")  # fmt: skip
+
+    def _write(self, w: SeqWork, hist, end):
+        bt = self.limits.block_tokens
+        lo = max(w.start, w.cached_until)
+        for i in range(w.start // bt, -(-end // bt)):
+            a, b = max(i * bt, w.start), min((i + 1) * bt, end)
+            bid = w.block_ids[i]
+            if b <= lo:  # below cached_until: read the cached entries, write nothing
+                got = self.blocks.get(bid)
+                require(got is not None and len(got) >= b and got[:b] == tuple(hist[:b]),
+                        f"replay over block {bid}: cached entries of another history")  # fmt: skip
+                continue
+            require(a >= lo, "write below cached_until")
+            if self.bm is not None:
+                require(self.bm.is_exclusive(bid), f"write into shared or cached block {bid} "
+                        f"(refcount {self.bm.refcount(bid)})")  # fmt: skip
+            self.blocks[bid] = tuple(hist[:b])
+
+
+# ----------------------------------------------------------------------------- engine helpers
+def make_engine(
+    strategy="recompute", *, cache=True, interval=None, tokenizer=None, max_model_len=None, **limit_kw
+):
+    """An LLMEngine over a FakeRunner bound to its block manager (limits: ``make_limits``)."""
+    from dsv4_jax.engine.llm_engine import LLMEngine
+    from dsv4_jax.engine.profiles import EngineConfig
+
+    runner = FakeRunner(**limit_kw)
+    lim = runner.limits
+    cfg = EngineConfig(block_tokens=lim.block_tokens, swa_strategy=strategy, enable_prefix_cache=cache,
+                       checkpoint_interval=interval or 2 * lim.block_tokens,
+                       num_snapshots=lim.num_snapshots or (0 if strategy == "recompute" else 1))  # fmt: skip
+    engine = LLMEngine(runner, cfg, tokenizer, max_model_len=max_model_len)
+    runner.bind(engine)
+    runner.snapshot_interval = cfg.snapshot_interval
+    return engine, runner
+
+
+def drain(engine, max_steps=5000):
+    """Step until idle; returns {request_id: new tokens seen in the deltas, concatenated}."""
+    seen: dict[str, list[int]] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return seen
+        for o in engine.step():
+            seen.setdefault(o.request_id, []).extend(o.new_token_ids)
+    raise AssertionError(f"not idle after {max_steps} steps")
+
+
+def outputs(engine, rids):
+    return [engine.get_request(r).output_token_ids for r in rids]

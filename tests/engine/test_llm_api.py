@@ -1,0 +1,206 @@
+"""The Python API (``LLM``), streaming against non-streaming, detokenization and stop strings,
+endpoint profiles, and the host-only rule for engine modules."""
+
+import argparse
+import ast
+import pathlib
+import sys
+import types
+
+import pytest
+from fake_runner import FakeRunner, make_engine, make_limits, reference_generate
+from tokenizers import Tokenizer
+
+import dsv4_jax
+from dsv4_jax import LLM, Output, SamplingParams
+from dsv4_jax.engine import PROFILES, RequestRefused, make_config
+from dsv4_jax.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from dsv4_jax.engine.profiles import add_cli_args, config_from_args, plan_pools
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEMO = ROOT / "checkpoints" / "demo"
+V = 1000
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+
+
+def flat(deltas):
+    return [t for d in deltas for t in d.token_ids]
+
+
+def fake_llm(tok, **kw):
+    engine, runner = make_engine("checkpoint", tokenizer=tok, **kw)
+    return LLM.from_engine(engine), runner
+
+
+def test_generate_mixed_prompts_in_order_with_text_and_metrics(tok):
+    llm, _ = fake_llm(tok)
+    ids = tok.encode("Hello world, this is a test.").ids
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = llm.generate(["Hello world, this is a test.", [5, 6, 7], ids[:4]], sp)
+    assert [type(o) for o in outs] == [Output] * 3
+    assert outs[0].prompt == "Hello world, this is a test." and outs[0].prompt_token_ids == ids
+    for o, p in zip(outs, [ids, [5, 6, 7], ids[:4]]):
+        assert o.token_ids == reference_generate(p, 12, V)
+        assert o.text == tok.decode(o.token_ids) and o.finish_reason == "length"
+        assert o.metrics.ttft is not None and o.metrics.ttft >= 0 and len(o.metrics.token_times) == 12
+        assert len(o.metrics.inter_token_latencies) == 11 and o.metrics.e2e >= o.metrics.ttft
+    single = llm.generate([5, 6, 7], sp)  # one token-id prompt, not three prompts
+    assert len(single) == 1 and single[0].token_ids == outs[1].token_ids
+    per_prompt = llm.generate(["a", "b"], [sp, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)])
+    assert [len(o.token_ids) for o in per_prompt] == [12, 2]
+    with pytest.raises(ValueError, match="2 prompts but 1 SamplingParams"):
+        llm.generate(["a", "b"], [sp])
+    assert llm.engine.block_manager.leaks() == [] and not llm.engine._requests  # released
+
+
+@pytest.mark.parametrize("stop", [(), ("e",), ("the", "an ")])
+def test_streaming_yields_the_same_tokens_and_text_as_generate(tok, stop):
+    llm, _ = fake_llm(tok)
+    prompts = ["The quick brown fox", "jumps over ü 日本", "x"]
+    sps = [
+        SamplingParams(max_tokens=n, temperature=t, seed=3, stop=stop)
+        for n, t in ((30, 0), (25, 0.9), (40, 0))
+    ]
+    batch = llm.generate(prompts, sps)
+    for p, sp, want in zip(prompts, sps, batch):
+        deltas = list(llm.stream(p, sp))
+        assert deltas[-1].finished and all(not d.finished for d in deltas[:-1])
+        assert flat(deltas) == want.token_ids
+        assert "".join(d.text for d in deltas) == want.text
+        assert deltas[-1].finish_reason == want.finish_reason
+        for s in stop:  # the text never shows a stop string, streamed or not
+            assert s not in want.text
+    assert llm.engine.block_manager.leaks() == []
+
+
+def test_two_streams_interleave_and_closing_one_early_aborts_it(tok):
+    llm, _ = fake_llm(tok)
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    a, b = llm.stream([5, 6, 7], sp), llm.stream([8, 9], sp)
+    got_a = flat(next(a) for _ in range(3))
+    got_b = flat(b)
+    a.close()  # abort mid-generation
+    assert got_a == reference_generate([5, 6, 7], 20, V)[: len(got_a)]
+    assert got_b == reference_generate([8, 9], 20, V)
+    assert not llm.engine.has_unfinished() and llm.engine.block_manager.leaks() == []
+
+
+def test_stop_strings_cut_text_and_end_generation(tok):
+    llm, _ = fake_llm(tok)
+    full = llm.generate("Once upon", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
+    stop = full.text[10:13]
+    cut = llm.generate(
+        "Once upon", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=(stop,))
+    )[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert full.token_ids[: len(cut.token_ids)] == cut.token_ids and len(cut.token_ids) < 40
+
+
+def test_detokenizer_handles_split_characters_and_stop_holdback(tok):
+    text = "naïve café — 日本語 ok"
+    ids = tok.encode(text).ids
+    d = IncrementalDetokenizer(tok)
+    pieces = [d.push(t) for t in ids] + [d.flush()]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    assert "" in pieces  # some token only completed a character with the next one
+    sc = StopChecker(("STOP", "xy"))
+    assert sc.emit("abcST", 0, finished=False) == ("ab", 2)  # "ST" (and one more) may start "STOP"
+    assert sc.find("abcSTOP", 5) == (3, "STOP") and sc.find("abc", 0) is None
+
+
+def test_llm_init_loads_the_checkpoint_and_builds_the_runner_from_the_profile(monkeypatch, tok):
+    built = {}
+
+    class StandIn(FakeRunner):  # the JaxModelRunner constructor signature, with fake execution
+        def __init__(self, cfg, params, *, num_slots, num_blocks, block_tokens, max_blocks_per_seq, num_snapshots,
+                     max_batch, max_tokens_per_step, kv_format, eos_token_id):  # fmt: skip
+            built.update(locals(), cfg=cfg)
+            super().__init__(make_limits(
+                num_slots=num_slots, num_blocks=num_blocks, block_tokens=block_tokens,
+                max_blocks_per_seq=max_blocks_per_seq, num_snapshots=num_snapshots, max_batch=max_batch,
+                max_tokens_per_step=max_tokens_per_step, window=cfg.sliding_window,
+                num_layers=cfg.num_hidden_layers, vocab_size=V, eos_token_id=eos_token_id))  # fmt: skip
+
+    monkeypatch.setitem(
+        sys.modules, "dsv4_jax.engine.model_runner", types.SimpleNamespace(JaxModelRunner=StandIn)
+    )
+    llm = LLM(str(DEMO), profile="chat", swa_strategy="checkpoint", max_batch=8, num_blocks=96)
+    cfg = built["cfg"]
+    assert (built["block_tokens"], built["max_tokens_per_step"], built["max_batch"]) == (128, 2048, 8)
+    assert (built["num_blocks"], built["num_slots"], built["kv_format"]) == (96, 8, "bf16")
+    assert built["max_blocks_per_seq"] == 32768 // 128 and built["eos_token_id"] == cfg.eos_token_id
+    assert llm.engine.config.swa_strategy == "checkpoint" and llm.engine.max_model_len == 32768
+    assert llm.pools.bytes_per_block > 0 and llm.pools.num_snapshots == 512
+    out = llm.generate("Hello", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == reference_generate(tok.encode("Hello").ids, 5, V)
+    with pytest.raises(RequestRefused, match="context limit is 32768"):
+        llm.generate([5] * 32768)
+    with pytest.raises(ValueError, match="multiple of compress ratio 128"):
+        LLM(str(DEMO), profile="chat", block_tokens=64)
+
+
+def test_profiles_and_overrides():
+    assert set(PROFILES) == {"chat", "balanced", "long-context"}
+    assert make_config().swa_strategy == "checkpoint"  # balanced is the default
+    assert make_config("long-context").swa_strategy == "recompute"
+    assert make_config("chat").snapshot_interval == 128 and make_config("balanced").snapshot_interval == 4096
+    assert make_config("long-context").snapshot_interval is None
+    lc = make_config("long-context", swa_strategy="full")
+    assert lc.num_snapshots > 0 and lc.snapshot_interval == 256
+    with pytest.raises(ValueError, match="unknown profile 'fast'"):
+        make_config("fast")
+    with pytest.raises(TypeError, match=r"unknown engine argument\(s\) \['blok_tokens'\]"):
+        make_config("chat", blok_tokens=64)
+    with pytest.raises(ValueError, match="swa_strategy"):
+        make_config("chat", swa_strategy="sometimes")
+    with pytest.raises(ValueError, match="checkpoint_interval"):
+        make_config("balanced", checkpoint_interval=1000)
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args(
+        ["--profile", "chat", "--swa-strategy", "recompute", "--max-batch", "4", "--no-prefix-cache"]
+    )
+    ec = config_from_args(args)
+    assert (ec.block_tokens, ec.swa_strategy, ec.max_batch, ec.enable_prefix_cache) == (
+        128,
+        "recompute",
+        4,
+        False,
+    )
+    doc = (ROOT / "docs" / "PROFILES.md").read_text()
+    for name in PROFILES:
+        assert f"`{name}`" in doc
+
+
+def test_pool_sizing_from_bytes():
+    ec = make_config("balanced", max_model_len=8192, num_slots=4, num_snapshots=8, kv_cache_bytes=10_000_000)
+    plan = plan_pools(ec, bytes_per_token=130.0, bytes_per_slot=100_000, max_position_embeddings=65536)
+    assert plan.bytes_per_block == 130 * 256 and plan.max_blocks_per_seq == 32 and plan.max_model_len == 8192
+    assert plan.num_blocks == (10_000_000 - 12 * 100_000) // (130 * 256)
+    assert plan.total_bytes <= 10_000_000
+    with pytest.raises(ValueError, match="leaves .* blocks .* needs 32 blocks"):
+        plan_pools(
+            make_config("balanced", max_model_len=8192, kv_cache_bytes=2_000_000), 130.0, 100_000, 65536
+        )
+    capped = plan_pools(make_config("long-context"), 130.0, 100_000, max_position_embeddings=65536)
+    assert capped.max_model_len == 65536 and capped.num_snapshots == 0 and capped.num_blocks == 16 * 256
+
+
+def test_engine_modules_never_import_jax():
+    for path in (ROOT / "dsv4_jax" / "engine").glob("*.py"):
+        if path.name == "model_runner.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])  # fmt: skip
+            for n in names:
+                assert not n.startswith(("jax", "dsv4_jax.kv_", "dsv4_jax.model", "dsv4_jax.checkpoint")), (
+                    path,
+                    n,
+                )
+    assert "LLM" in dsv4_jax.__all__ and "SamplingParams" in dsv4_jax.__all__
