@@ -1,5 +1,8 @@
 """Test set-up: CPU only, 8 fake devices for sharding tests, fp32 matmuls at full precision.
 
+XLA's CPU backend is asked for less LLVM optimisation: the tests run tiny models whose
+cost is almost all compilation, and this halves it (a 2-core CI machine runs the
+whole suite). Subprocesses started by tests (server, multi-host) inherit the flags.
 The environment must be set before jax is first imported, hence module level here.
 """
 
@@ -7,8 +10,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+for flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
+             "--xla_llvm_disable_expensive_passes=true"):
+    if flag.split("=")[0] not in flags:
+        flags = (flags + " " + flag).strip()
+os.environ["XLA_FLAGS"] = flags
 
 import jax  # noqa: E402
 
