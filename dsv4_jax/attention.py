@@ -71,7 +71,7 @@ def project_q(x, p, positions, cfg: Config, compressed: bool, *, sim_quant: bool
     c_q = ops.rms_norm(ops.linear(x, p["wq_a"]["weight"], quant_act=sim_quant), p["q_norm"]["weight"],
                        cfg.rms_norm_eps)
     q = ops.linear(c_q, p["wq_b"]["weight"], quant_act=sim_quant)
-    q = ops.rms_norm(q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), None, cfg.rms_norm_eps)
+    q = ops.rms_norm(q.reshape(b, t, -1, cfg.head_dim), None, cfg.rms_norm_eps)  # H: all, or a shard's heads
     cos, sin = ops.rope_angles(positions, ops.rope_inv_freq(cfg, compressed))
     return c_q, ops.apply_rope(q, cos[:, :, None], sin[:, :, None])
 
@@ -92,7 +92,7 @@ def output_proj(o, p, positions, cfg: Config, compressed: bool, *, sim_quant: bo
     b, t, h, k = o.shape
     cos, sin = ops.rope_angles(positions, ops.rope_inv_freq(cfg, compressed))
     o = ops.apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
-    g = cfg.o_groups
+    g = p["wo_a"]["weight"].shape[0] // cfg.o_lora_rank  # all groups, or a tensor shard's (then y is partial)
     wo_a = ops.dense(p["wo_a"]["weight"], o.dtype).reshape(g, cfg.o_lora_rank, h * k // g)  # [G,R,(H/G)·K]
     u = jnp.einsum("btgi,gri->btgr", o.reshape(b, t, g, h * k // g), wo_a,
                    preferred_element_type=F32).astype(o.dtype)

@@ -23,9 +23,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax import attention, attention_state, hyper_connections as hc, moe, ops
+from dsv4_jax import attention, dp_attention, moe_ep, ops
+from dsv4_jax import hyper_connections as hc
 from dsv4_jax import kv_cache as kvc
 from dsv4_jax.config import Config
+from dsv4_jax.sharding import Layout, constrain
 
 F32 = jnp.float32
 
@@ -42,10 +44,16 @@ class ModelOptions:
     ``"reference"`` (jnp) or ``"pallas"`` (the kernels of ``pallas_kernels``: sparse
     attention, indexer top-k, and the MXFP4 expert matmul when the experts are held
     packed). The full-sequence path (no state) always runs the jnp code.
+
+    ``layout`` (``sharding.Layout``: a mesh and the rules table) runs the model split over
+    devices: experts through ``moe_ep`` (all-to-all), attention over the state through
+    ``dp_attention`` (each sequence on its shard), activations pinned to the batch axes at
+    layer boundaries. ``None``: one device, the plain code.
     """
 
     sim_quant: bool = False
     kernels: str = "reference"
+    layout: Layout | None = None
 
     def __post_init__(self):
         if self.kernels not in ("reference", "pallas"):
@@ -64,12 +72,12 @@ def block(x, tokens, positions, p, layer: int, cfg: Config, opts: ModelOptions, 
     def attn_fn(h):
         if st is None:
             return attention.attention_sequence(h, positions, p["attn"], layer, cfg, sim_quant=sq), None
-        return attention_state.attention_chunk(h, positions, p["attn"], st, meta, layer, cfg, cc, sim_quant=sq,
-                                               kernels=opts.kernels)
+        return dp_attention.attention_chunk(h, positions, p["attn"], st, meta, layer, cfg, cc, opts.layout,
+                                            sim_quant=sq, kernels=opts.kernels)
 
     def ffn_fn(h):
-        return moe.moe(h, tokens, p["ffn"], layer, cfg, sim_quant=sq,
-                       kernels=opts.kernels if st is not None else "reference"), None
+        return moe_ep.moe(h, tokens, p["ffn"], layer, cfg, opts.layout, sim_quant=sq,
+                          kernels=opts.kernels if st is not None else "reference"), None
 
     with jax.named_scope("attn"):
         x, new_st = hc.hc_sublayer(x, p, "hc_attn", p["attn_norm"]["weight"], attn_fn, cfg)
@@ -89,6 +97,7 @@ def forward_streams(params, tokens, positions, cfg: Config, opts: ModelOptions =
         st = None if state is None else state["layers"][i]
         with jax.named_scope(f"layer{i}_{cfg.attn_kind(i)}"):
             x, st = block(x, tokens, positions, p, i, cfg, opts, st, meta, cache)
+        x = constrain(x, ("batch", None, None, "embed"), opts.layout)  # [B,T,n,D] stays split by sequence
         new_layers.append(st)
     return x, (None if state is None else {**state, "layers": new_layers})
 

@@ -63,18 +63,23 @@ def _mxfp4(w) -> pk.mxfp4.Mxfp4Weight | None:
 
 
 def routed_experts(x: jax.Array, idx: jax.Array, w: jax.Array, experts: dict, cfg: Config,
-                   *, sim_quant: bool = False, kernels: str = "reference") -> jax.Array:
+                   *, sim_quant: bool = False, kernels: str = "reference", num_experts: int | None = None) -> jax.Array:
     """``Σ_choices y_e`` for x [N,D], idx i32[N,k], w f32[N,k]: f32[N,D].
 
     With ``kernels="pallas"`` and experts held as packed MXFP4, the grouped matmuls run
     as the MXFP4 kernels (dequantized in registers, gate/up fused with the SwiGLU);
     otherwise as ``ragged_dot`` over dense weights.
+
+    ``num_experts``: size of the ``experts`` stack when it is one shard's slice under expert
+    parallelism (``moe_ep``); a choice equal to it is "no expert here": it sorts after every
+    group and contributes nothing.
     """
     n, k = idx.shape
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
     tok = order // k
-    sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
+    e = cfg.n_routed_experts if num_experts is None else num_experts
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # ids >= e are not counted
     xs = x[tok]  # [N·k, D]
     row_w = w.reshape(-1)[order]  # f32[N·k]
     if sim_quant:
@@ -96,6 +101,8 @@ def routed_experts(x: jax.Array, idx: jax.Array, w: jax.Array, experts: dict, cf
         if sim_quant:
             h = ops.fp8_sim(h, 128)
         y = _ragged(h, experts["w2"]["weight"], sizes)  # f32[N·k, D]
+    if num_experts is not None:  # rows past the groups (no local expert) are not defined by ragged_dot
+        y = jnp.where((jnp.arange(n * k) < jnp.sum(sizes))[:, None], y, 0.0)
     return jnp.zeros((n, x.shape[-1]), F32).at[tok].add(y)
 
 

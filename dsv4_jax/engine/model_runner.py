@@ -16,20 +16,30 @@ not recompile; ``compilations`` counts traces so a test can check that.
 
 Host-side metadata (tokens, positions, slots, block tables, lengths, sampling arrays) is
 built as numpy arrays and goes to the device once per call.
+
+On a mesh (``mesh=``, e.g. ``mesh.parse_mesh("data=1,expert=8,tensor=1")``) the params,
+state, snapshots and penalty tables are laid out by the rules table and each step's rows
+are ordered by sequence shard (``runner_layout.RunnerLayout``); the model runs with
+``ModelOptions(layout=...)``.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv4_jax import dp_attention, sampling
 from dsv4_jax import kv_cache as kvc
-from dsv4_jax import sampling
 from dsv4_jax.config import Config
 from dsv4_jax.engine.runner_api import RunnerLimits, SampleOut, SamplingParams, SeqWork, StepPlan
 from dsv4_jax.kv_accounting import kv_bytes
 from dsv4_jax.model import ModelOptions, forward
+from dsv4_jax.runner_layout import RunnerLayout
+from dsv4_jax.sharding import DEFAULT_RULES, Layout
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -37,16 +47,26 @@ def _pow2(n: int, lo: int = 1) -> int:
 
 
 class JaxModelRunner:
-    """Implements ``runner_api.ModelRunner`` for one model replica."""
+    """Implements ``runner_api.ModelRunner`` for one model replica (one device, or a mesh).
+
+    ``mesh``: run split over it by ``rules`` (``sharding.DEFAULT_RULES``). Slots and blocks
+    are split evenly over the sequence shards of the mesh; a work's blocks must come from its
+    slot's shard (``slot_shard`` / ``shard_blocks`` tell the block manager which).
+    """
 
     def __init__(self, cfg: Config, params, *, num_slots: int, num_blocks: int, block_tokens: int,
                  max_blocks_per_seq: int, num_snapshots: int, max_batch: int, max_tokens_per_step: int,
                  kv_format: str = "bf16", eos_token_id: int | None = None, opts: ModelOptions = ModelOptions(),
-                 dtype=jnp.bfloat16):
-        self.cfg, self.params, self.opts = cfg, params, opts
+                 dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None,
+                 rules: Mapping = DEFAULT_RULES):
+        layout = None if mesh is None else Layout.create(mesh, rules)
+        opts = dataclasses.replace(opts, layout=layout)
+        self.cfg, self.opts = cfg, opts
         self.cc = kvc.CacheConfig(num_slots=num_slots, num_blocks=num_blocks, max_blocks_per_seq=max_blocks_per_seq,
                                   block_tokens=block_tokens, fmt=kvc.KVFormat.parse(kv_format), dtype=dtype)
         self.cc.validate(cfg)
+        self.placement = RunnerLayout(cfg, self.cc, layout, num_snapshots)
+        self.params = self.placement.place_params(params)
         acc = kv_bytes(cfg, self.cc.fmt, jnp.dtype(dtype).itemsize)
         self.limits = RunnerLimits(
             num_slots=num_slots, num_blocks=num_blocks, block_tokens=block_tokens,
@@ -55,27 +75,43 @@ class JaxModelRunner:
             vocab_size=cfg.vocab_size, eos_token_id=cfg.eos_token_id if eos_token_id is None else eos_token_id,
             bytes_per_block=int(round(acc.bytes_per_token * block_tokens)), bytes_per_slot=acc.fixed_bytes_per_seq,
         )  # fmt: skip
-        self.state = kvc.init_state(cfg, self.cc)
-        self.snapshots = kvc.init_snapshots(cfg, self.cc, num_snapshots)
-        self.counts = jnp.zeros((num_slots, cfg.vocab_size), jnp.int32)  # output-token counts per slot
-        self.prompt_mask = jnp.zeros((num_slots, cfg.vocab_size), bool)
+        self.state = self.placement.init_state()
+        self.snapshots = self.placement.init_snapshots(num_snapshots)
+        self.counts = self.placement.init_table(jnp.int32)  # output-token counts per slot
+        self.prompt_mask = self.placement.init_table(bool)
         self._counted: dict[int, int] = {}  # seq_id -> last position whose token is in the tables
         self.compilations = 0
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 2, 3), static_argnames=("num_logprobs",))
-        self._copy = jax.jit(kvc.copy_slot, donate_argnums=(0,))
-        self._mark = jax.jit(sampling.update_counts, donate_argnums=(0, 1))
-        self._reset = jax.jit(sampling.reset_rows, donate_argnums=(0, 1))
+        self._restore, self._save = self.placement.restore_fn, self.placement.save_fn
+        self._mark = self.placement.table_fn(sampling.update_counts)
+        self._reset = self.placement.table_fn(sampling.reset_rows)
+
+    @property
+    def num_seq_shards(self) -> int:
+        """Sequence shards of the mesh (1 without one): slots and blocks split evenly over them."""
+        return self.placement.shards
+
+    def slot_shard(self, slot: int) -> int:
+        """The sequence shard a slot lives on (0 without a mesh)."""
+        return self.placement.shard_of_slot(slot)
+
+    def shard_blocks(self, shard: int) -> range:
+        """Block ids a sequence in ``shard``'s slots may use."""
+        n = self.placement.blocks_per_shard
+        return range(shard * n, (shard + 1) * n)
 
     # ------------------------------------------------------------------ device functions
     def _step_impl(self, params, state, counts, pmask, tokens, positions, meta, sa, sample_mask, *, num_logprobs):
         self.compilations += 1  # runs at trace time only
         logits, state = forward(params, tokens, positions, state, meta, cfg=self.cfg, opts=self.opts, cache=self.cc,
                                 last_only=True)
-        rows = jnp.clip(meta.slots, 0, self.cc.num_slots - 1)
-        res = sampling.sample(logits[:, 0], sa, counts[rows], pmask[rows], num_logprobs=num_logprobs)
-        counts, pmask = sampling.update_counts(counts, pmask, meta.slots, res.tokens,
-                                               jnp.zeros_like(sample_mask), sample_mask)
-        return res, state, counts, pmask
+        lay = self.opts.layout
+        res = sampling.sample(logits[:, 0], sa, dp_attention.take_slot_rows(counts, meta.slots, lay),
+                              dp_attention.take_slot_rows(pmask, meta.slots, lay), num_logprobs=num_logprobs)
+        counts, pmask = dp_attention.scatter_slots(sampling.update_counts, (counts, pmask), meta.slots, res.tokens,
+                                                   jnp.zeros_like(sample_mask), sample_mask, layout=lay)
+        state, counts, pmask = self.placement.pin(state, counts, pmask)
+        return self.placement.replicate(res), state, counts, pmask
 
     # ------------------------------------------------------------------ host orchestration
     def execute(self, plan: StepPlan) -> dict[int, SampleOut]:
@@ -86,7 +122,8 @@ class JaxModelRunner:
             raise ValueError(f"step plan exceeds max_tokens_per_step={self.limits.max_tokens_per_step}")
         for w in works:
             if w.restore_snapshot is not None:
-                self.state = self._copy(self.state, jnp.int32(w.slot), self.snapshots, jnp.int32(w.restore_snapshot))
+                self.state = self._restore(self.state, jnp.int32(w.slot), self.snapshots,
+                                           jnp.int32(w.restore_snapshot))
         self._update_penalty_tables(works)
         results = []
         for group in ([w for w in works if len(w.tokens) == 1], [w for w in works if len(w.tokens) > 1]):
@@ -94,11 +131,11 @@ class JaxModelRunner:
                 results.append((group, self._run_group(group)))
         for w in works:
             if w.save_snapshot is not None:
-                self.snapshots = self._copy(self.snapshots, jnp.int32(w.save_snapshot), self.state, jnp.int32(w.slot))
+                self.snapshots = self._save(self.snapshots, jnp.int32(w.save_snapshot), self.state, jnp.int32(w.slot))
         out: dict[int, SampleOut] = {}
-        for group, res in results:
+        for group, (rows, res) in results:
             res = jax.device_get(res)  # one transfer per group
-            for i, w in enumerate(group):
+            for i, w in zip(rows, group):
                 if not w.sample:
                     continue
                 self._counted[w.seq_id] = w.start + len(w.tokens)
@@ -112,7 +149,7 @@ class JaxModelRunner:
         return out
 
     def _run_group(self, group: list[SeqWork]):
-        b = min(_pow2(len(group)), max(self.limits.max_batch, len(group)))
+        rows, b = self.placement.arrange(group, self.limits.max_batch)  # row of each work, batch size
         t = 1 if all(len(w.tokens) == 1 for w in group) else _pow2(max(len(w.tokens) for w in group), 8)
         mb = self.cc.max_blocks_per_seq
         tokens = np.zeros((b, t), np.int32)
@@ -123,7 +160,7 @@ class JaxModelRunner:
         state_start = np.zeros(b, np.int32)
         cached_until = np.zeros(b, np.int32)
         sample_mask = np.zeros(b, bool)
-        for i, w in enumerate(group):
+        for i, w in zip(rows, group):
             n = len(w.tokens)
             if len(w.block_ids) > mb:
                 raise ValueError(f"seq {w.seq_id}: {len(w.block_ids)} blocks > max_blocks_per_seq={mb}")
@@ -133,15 +170,17 @@ class JaxModelRunner:
             table[i, : len(w.block_ids)] = w.block_ids
             state_start[i], cached_until[i] = w.state_start, w.cached_until
             sample_mask[i] = w.sample
-        params = [w.sampling for w in group] + [SamplingParams(temperature=0.0)] * (b - len(group))
-        sa = sampling.sampling_arrays(params[:b], [w.seed for w in group] + [0] * (b - len(group)),
-                                      [w.sample_index for w in group] + [0] * (b - len(group)), pad_to=b)
+        params, seeds, index = [SamplingParams(temperature=0.0)] * b, [0] * b, [0] * b
+        for i, w in zip(rows, group):
+            params[i], seeds[i], index[i] = w.sampling, w.seed, w.sample_index
+        sa = sampling.sampling_arrays(params, seeds, index, pad_to=b)
         num_logprobs = SamplingParams.MAX_LOGPROBS if any(w.sampling.logprobs for w in group) else 0
         meta = kvc.StepMeta(slots, table, lengths, state_start, cached_until)
+        tokens, positions, meta, sa, sample_mask = self.placement.put_batch((tokens, positions, meta, sa, sample_mask))
         res, self.state, self.counts, self.prompt_mask = self._step(
             self.params, self.state, self.counts, self.prompt_mask, tokens, positions, meta, sa, sample_mask,
             num_logprobs=num_logprobs)
-        return res
+        return rows, res
 
     def _update_penalty_tables(self, works: list[SeqWork]) -> None:
         """Reset fresh slots, then record every token the tables have not seen: prior tokens of
