@@ -92,7 +92,7 @@ def test_state_leaves_carry_logical_axes():
 
     cfg = preset("tiny")
     for fmt in ("bf16", "fp8-fp4"):
-        cc = kvc.CacheConfig(num_slots=2, num_blocks=4, max_blocks_per_seq=2, block_tokens=32,
+        cc = kvc.CacheConfig(num_slots=8, num_blocks=8, max_blocks_per_seq=2, block_tokens=32,
                              fmt=kvc.KVFormat.parse(fmt))
         state = kvc.init_state(cfg, cc)
         axes = kvc.state_axes(state)
@@ -103,4 +103,5 @@ def test_state_leaves_carry_logical_axes():
             assert len(ax) == leaf.ndim and all(a in DEFAULT_RULES for a in ax)
         mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         placed = jax.device_put(state, tree_shardings(axes, mesh))
-        assert all(x.sharding.spec == PartitionSpec(*[None] * x.ndim) for x in jax.tree.leaves(placed))
+        # sequences are data-parallel: every state leaf is split over its slot / block axis
+        assert all(x.sharding.spec == PartitionSpec("data", *[None] * (x.ndim - 1)) for x in jax.tree.leaves(placed))
