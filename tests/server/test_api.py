@@ -1,0 +1,202 @@
+"""The OpenAI API in-process (FastAPI TestClient over the real app, FakeRunner engine): response
+shapes, streaming, chat encoding, thinking output, logprobs, usage, auth, metrics."""
+
+import json
+
+import pytest
+from conftest import VOCAB, ScriptedRunner, fake_engine, limits, make_client
+from fake_runner import reference_generate
+
+from dsv4_jax.server import encoding
+
+
+@pytest.fixture(scope="module")
+def api(tok):
+    client, state = make_client(fake_engine(tok))
+    with client:
+        yield client, state
+
+
+def sse_events(resp):
+    """Parsed ``data:`` payloads of an SSE response; the last must be ``[DONE]``."""
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    datas = [line[6:] for line in resp.text.split("\n") if line.startswith("data: ")]
+    assert datas[-1] == "[DONE]" and "[DONE]" not in datas[:-1]
+    return [json.loads(d) for d in datas[:-1]]
+
+
+def post(client, path, **body):
+    return client.post(path, json={"model": "demo", **body})
+
+
+def test_models_health_and_unknown_route(api):
+    client, _ = api
+    assert client.get("/health").json() == {"status": "ok"}
+    data = client.get("/v1/models").json()["data"]
+    assert (
+        [m["id"] for m in data] == ["demo"]
+        and data[0]["object"] == "model"
+        and data[0]["max_model_len"] == 512
+    )
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_completion_text_and_token_prompts_reach_the_engine_exactly(api, tok):
+    client, _ = api
+    ids = tok.encode("The quick brown fox").ids
+    want = reference_generate(ids, 12, VOCAB)
+    for prompt in ("The quick brown fox", ids):
+        r = post(client, "/v1/completions", prompt=prompt, max_tokens=12, temperature=0, ignore_eos=True)
+        body = r.json()
+        assert r.status_code == 200 and body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+        (c,) = body["choices"]
+        assert c["text"] == tok.decode(want) and c["finish_reason"] == "length" and c["index"] == 0
+        assert body["usage"] == {
+            "prompt_tokens": len(ids),
+            "completion_tokens": 12,
+            "total_tokens": len(ids) + 12,
+        }
+
+
+def test_batched_prompts_and_n_choices(api, tok):
+    client, _ = api
+    body = post(client, "/v1/completions", prompt=[[5, 6, 7], [8, 9]], max_tokens=4, n=2, seed=3,
+                ignore_eos=True).json()  # fmt: skip
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    texts = [c["text"] for c in body["choices"]]
+    assert texts[0] != texts[1]  # seeds 3 and 4
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21}
+    again = post(client, "/v1/completions", prompt=[[5, 6, 7], [8, 9]], max_tokens=4, n=2, seed=3,
+                 ignore_eos=True).json()  # fmt: skip
+    assert [c["text"] for c in again["choices"]] == texts  # seeded: reproducible
+    strs = post(client, "/v1/completions", prompt=["a b", "c"], max_tokens=2, temperature=0).json()
+    assert len(strs["choices"]) == 2
+
+
+def test_completion_stream_matches_non_stream(api):
+    client, _ = api
+    args = {
+        "prompt": "Once upon a time",
+        "max_tokens": 20,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stop": ["e"],
+    }
+    whole = post(client, "/v1/completions", **args).json()
+    events = sse_events(post(client, "/v1/completions", stream=True, **args))
+    assert "".join(e["choices"][0]["text"] for e in events) == whole["choices"][0]["text"]
+    assert [e["choices"][0]["finish_reason"] for e in events][-1] == whole["choices"][0]["finish_reason"]
+    assert all(e["usage"] is None for e in events[:-1]) and events[-1]["usage"] == whole["usage"]
+    with_usage = sse_events(post(client, "/v1/completions", stream=True, stream_options={"include_usage": True},
+                                 **args))  # fmt: skip
+    assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"] == whole["usage"]
+
+
+def test_chat_uses_the_dsv4_encoding_and_streams_the_same(api, tok):
+    client, _ = api
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello.", "reasoning_content": "dropped"},
+            {"role": "user", "content": [{"type": "text", "text": "Again"}]}]  # fmt: skip
+    ids = tok.encode(encoding.render(msgs)).ids
+    assert (
+        ids[0] == 0 and ids[-2:] == [1001, 1003] and 1 in ids
+    )  # BOS ... <｜Assistant｜></think>, EOS of turn 1
+    want = reference_generate(ids, 10, VOCAB)
+    r = post(client, "/v1/chat/completions", messages=msgs, max_tokens=10, temperature=0, ignore_eos=True)
+    body = r.json()
+    assert r.status_code == 200 and body["object"] == "chat.completion"
+    msg = body["choices"][0]["message"]
+    assert (
+        msg["role"] == "assistant" and msg["content"] == tok.decode(want) and msg["reasoning_content"] is None
+    )
+    assert body["usage"]["prompt_tokens"] == len(ids) and body["usage"]["completion_tokens"] == 10
+    events = sse_events(post(client, "/v1/chat/completions", messages=msgs, max_tokens=10, temperature=0,
+                             ignore_eos=True, stream=True))  # fmt: skip
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == msg["content"]
+    assert events[-1]["choices"][0]["finish_reason"] == "length" and events[-1]["usage"] == body["usage"]
+
+
+def test_thinking_output_is_split_into_reasoning_and_content(tok):
+    script = tok.encode("Let me think. 2+2 is 4.</think>The answer is 4.").ids + [1]
+    assert 1003 in script  # "</think>" is one token
+    client, _ = make_client(fake_engine(tok, ScriptedRunner(script, limits=limits())))
+    with client:
+        msgs = [{"role": "user", "content": "2+2?"}]
+        for kw in ({"chat_template_kwargs": {"thinking": True}}, {"reasoning_effort": "high"}):
+            body = post(client, "/v1/chat/completions", messages=msgs, max_tokens=50, **kw).json()
+            msg = body["choices"][0]["message"]
+            assert (
+                msg["reasoning_content"] == "Let me think. 2+2 is 4." and msg["content"] == "The answer is 4."
+            )
+            assert body["choices"][0]["finish_reason"] == "stop"
+        events = sse_events(post(client, "/v1/chat/completions", messages=msgs, max_tokens=50, stream=True,
+                                 chat_template_kwargs={"thinking": True}))  # fmt: skip
+        deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == "Let me think. 2+2 is 4."
+        assert "".join(d.get("content", "") for d in deltas) == "The answer is 4."
+        chat = post(
+            client, "/v1/chat/completions", messages=msgs, max_tokens=50
+        ).json()  # chat mode: no split
+        assert chat["choices"][0]["message"]["content"] == "Let me think. 2+2 is 4.</think>The answer is 4."
+
+
+def test_logprobs_shapes(api):
+    client, _ = api
+    c = post(client, "/v1/completions", prompt=[5, 6], max_tokens=3, logprobs=2, ignore_eos=True).json()
+    lp = c["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == 3
+    assert lp["token_logprobs"] == [-1.0] * 3  # the fake runner's logprob
+    ch = post(client, "/v1/chat/completions", messages=[{"role": "user", "content": "x"}], max_tokens=3,
+              logprobs=True, top_logprobs=2, ignore_eos=True).json()  # fmt: skip
+    content = ch["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and {"token", "logprob", "bytes", "top_logprobs"} <= set(content[0])
+
+
+def test_api_key(tok):
+    client, _ = make_client(fake_engine(tok), api_key="sekret")
+    with client:
+        body = {"model": "demo", "prompt": "hi", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            r = client.post("/v1/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert client.get("/v1/models").status_code == 401
+        ok = client.post("/v1/completions", json=body, headers={"Authorization": "Bearer sekret"})
+        assert ok.status_code == 200
+        assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def metric(text, name):
+    return next(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{"))
+    )
+
+
+def test_metrics_count_requests_tokens_latency_and_prefix_hits(tok):
+    client, _ = make_client(fake_engine(tok))
+    with client:
+        prompt = list(range(10, 60))  # 50 tokens: three full 16-token blocks to reuse
+        for _ in range(3):
+            assert (
+                post(client, "/v1/completions", prompt=prompt, max_tokens=5, ignore_eos=True).status_code
+                == 200
+            )
+        post(client, "/v1/completions", prompt="x", max_tokens=-1)  # a 400
+        import time
+
+        time.sleep(0.1)  # the stats snapshot is taken after the last step
+        text = client.get("/metrics").text
+    assert metric(text, 'dsv4_requests_total{finish_reason="length"}') == 3
+    assert (
+        metric(text, "dsv4_generation_tokens_total") == 15 and metric(text, "dsv4_prompt_tokens_total") == 150
+    )
+    assert metric(text, "dsv4_time_to_first_token_seconds_count") == 3
+    assert metric(text, "dsv4_inter_token_latency_seconds_count") == 12
+    assert metric(text, 'dsv4_requests_refused_total{status="400"}') == 1
+    assert metric(text, "dsv4_num_requests_running") == 0 and metric(text, "dsv4_num_requests_waiting") == 0
+    assert metric(text, 'dsv4_kv_usage_ratio{pool="slots"}') == 0
+    assert metric(text, "dsv4_prefix_cache_query_tokens_total") == 150
+    assert metric(text, "dsv4_prefix_cache_hit_tokens_total") == 2 * 48  # 2nd and 3rd reuse 3 blocks each
+    assert abs(metric(text, "dsv4_prefix_cache_hit_rate") - 96 / 150) < 1e-9

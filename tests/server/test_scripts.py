@@ -1,0 +1,248 @@
+"""scripts/generate.py and scripts/benchmark.py in-process on FakeRunner engines: outputs,
+resuming, refusals, datasets and their metrics, profile comparison, the decode sweep, the plot;
+``--help`` of every script in a subprocess."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from conftest import VOCAB, FakeRunner, fake_engine, limits
+from fake_runner import reference_generate
+
+from dsv4_jax.engine.llm_engine import LLMEngine
+from dsv4_jax.engine.profiles import make_config
+from dsv4_jax.server import bench_data as bd
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(
+    "name,flag", [("serve", "--api-key"), ("generate", "--output"), ("benchmark", "--decode-sweep")]
+)
+def test_help(name, flag):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), "--help"], capture_output=True,
+                         text=True, timeout=120, check=False)  # fmt: skip
+    assert (
+        out.returncode == 0
+        and flag in out.stdout
+        and "--profile-dir" in out.stdout
+        and "--mesh" in out.stdout
+    )
+
+
+# ----------------------------------------------------------------------------- generate.py
+RECORDS = [
+    {"prompt": "Hello there", "id": "a"},
+    {"prompt": [5, 6, 7], "max_tokens": 3},
+    {"messages": [{"role": "user", "content": "Hi"}], "thinking": True},
+    {"prompt": list(range(2, 700))},  # over the context limit: refused, recorded, the run goes on
+    {"prompt": "x", "temperature": -1},  # bad parameter: same
+    {"prompt": "Goodbye", "id": "b", "stop": "e"},
+]
+DEFAULTS = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+
+
+class Interrupting(FakeRunner):
+    def __init__(self, after, **kw):
+        super().__init__(**kw)
+        self.after = after
+
+    def execute(self, plan):
+        if len(self.plans) >= self.after:
+            raise KeyboardInterrupt
+        return super().execute(plan)
+
+
+def read(path):
+    return [json.loads(x) for x in pathlib.Path(path).read_text().splitlines()]
+
+
+def test_generate_writes_every_line_and_resumes_after_an_interruption(tok, tmp_path):
+    gen = load("generate")
+    clean = tmp_path / "clean.jsonl"
+    counts = gen.generate_jsonl(fake_engine(tok, max_batch=2), RECORDS, str(clean), DEFAULTS, max_in_flight=2,
+                                progress=False)  # fmt: skip
+    assert counts == {"skipped": 0, "ok": 4, "errors": 2}
+    res = {r["index"]: r for r in read(clean)}
+    assert sorted(res) == list(range(6))
+    ids = tok.encode("Hello there").ids
+    assert res[0]["id"] == "a" and res[0]["token_ids"] == reference_generate(ids, 6, VOCAB)
+    assert (
+        res[0]["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 6}
+        and res[0]["metrics"]["ttft_s"] >= 0
+    )
+    assert res[1]["token_ids"] == reference_generate([5, 6, 7], 3, VOCAB)  # per-line max_tokens
+    assert "reasoning_content" in res[2] and res[2]["finish_reason"] == "length"
+    assert "context limit" in res[3]["error"] and "temperature" in res[4]["error"]
+    assert "e" not in res[5]["text"]
+
+    out = tmp_path / "resumed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate_jsonl(fake_engine(tok, Interrupting(5, limits=limits(max_batch=2))), RECORDS, str(out),
+                           DEFAULTS, max_in_flight=2, progress=False)  # fmt: skip
+    partial = read(out)
+    assert 0 < len(partial) < 6
+    with open(out, "a") as f:
+        f.write('{"id": null, "index": 9, "te')  # a torn last line, as if killed mid-write
+    counts = gen.generate_jsonl(fake_engine(tok), RECORDS, str(out), DEFAULTS, progress=False)
+    assert counts["skipped"] == len(partial) and counts["ok"] + counts["errors"] == 6 - len(partial)
+    resumed = {r["index"]: r for r in read(out)}
+    assert len(read(out)) == 6 and sorted(resumed) == list(range(6))
+    for i in range(6):
+        assert {k: v for k, v in resumed[i].items() if k != "metrics"} == {
+            k: v for k, v in res[i].items() if k != "metrics"}  # fmt: skip
+    again = gen.generate_jsonl(fake_engine(tok), RECORDS, str(out), DEFAULTS, progress=False)
+    assert again == {"skipped": 6, "ok": 0, "errors": 0}
+
+
+# ----------------------------------------------------------------------------- benchmark.py
+def test_datasets(tok, tmp_path):
+    ids = bd.ordinary_token_ids(tok)
+    assert 0 not in ids and 1 not in ids and 1000 not in ids and 999 in ids
+    r = bd.random_requests(50, 100, 20, 0.5, seed=1, ids=ids)
+    assert all(
+        50 <= x.prompt_len <= 150 and len(x.prompt) == x.prompt_len and 10 <= x.output_len <= 30 for x in r
+    )
+    assert (
+        len({x.prompt_len for x in r}) > 5
+        and r[0].prompt == bd.random_requests(1, 100, 20, 0.5, 1, ids)[0].prompt
+    )
+    sp = bd.shared_prefix_requests(3, 4, 40, 8, 5, seed=2, ids=ids)
+    assert (
+        len(sp) == 12 and len({tuple(x.prompt[:40]) for x in sp}) == 3 and all(x.prompt_len == 48 for x in sp)
+    )
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"prompt": "hi there", "output_len": 3, "timestamp": 0.5}\n{"input_len": 7}\n'
+                     '{"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}\n')  # fmt: skip
+    t = bd.trace_requests(str(trace), ids=ids, tokenizer=tok, default_output_len=9)
+    assert [(x.prompt_len, x.output_len, x.timestamp) for x in t] == [
+        (len(tok.encode("hi there").ids), 3, 0.5),
+        (7, 9, None),
+        (0, 2, None),
+    ]
+
+
+def profile_engine(tok):
+    """Fake engines configured like each endpoint profile (block size, budget, SWA strategy)."""
+
+    def make(profile):
+        cfg = make_config(profile, max_batch=4, max_tokens_per_step=256, num_snapshots=16,
+                          enable_prefix_cache=True)  # fmt: skip
+        runner = FakeRunner(limits(block_tokens=cfg.block_tokens, max_batch=4, max_tokens_per_step=256,
+                                   num_blocks=64, max_blocks_per_seq=8, num_slots=4,
+                                   num_snapshots=cfg.num_snapshots if cfg.snapshot_interval else 0))  # fmt: skip
+        engine = LLMEngine(runner, cfg, tok)
+        runner.bind(engine)
+        runner.snapshot_interval = cfg.snapshot_interval
+        return engine
+
+    return make
+
+
+def bench_args(bench, *extra):
+    return bench.parse_args(["benchmark.py", "--no-progress", "--warmup-requests", "1", *extra])
+
+
+def test_benchmark_in_process_random_and_shared_prefix(tok, tmp_path):
+    bench = load("benchmark")
+    out = tmp_path / "r.json"
+    args = bench_args(
+        bench,
+        "--num-prompts",
+        "6",
+        "--input-len",
+        "40",
+        "--output-len",
+        "5",
+        "--max-concurrency",
+        "2",
+        "--input-len-sweep",
+        "20,40",
+        "--result-file",
+        str(out),
+        "--plot",
+        str(tmp_path / "p.png"),
+    )
+    assert bench.main(args, engine_factory=profile_engine(tok)) == 0
+    res = json.loads(out.read_text())
+    assert [r["input_len"] for r in res["runs"]] == [20, 40]
+    for r in res["runs"]:
+        assert r["completed"] == 6 and r["failed"] == 0 and r["total_output_tokens"] == 30
+        assert r["total_input_tokens"] == 6 * r["input_len"] and r["prefix_hit_rate"] == 0.0
+        assert r["request_throughput"] > 0 and r["tpot_ms"]["p50"] is not None and r["itl_ms"]["p99"] >= 0
+        assert r["ttft_ms"]["p50"] <= r["ttft_ms"]["p90"] <= r["ttft_ms"]["p99"] <= r["e2el_ms"]["p99"]
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+    args = bench_args(bench, "--dataset-name", "shared-prefix", "--prefix-groups", "2", "--prompts-per-group", "4",
+                      "--prefix-len", "300", "--suffix-len", "8", "--output-len", "3", "--max-concurrency", "1",
+                      "--profile", "chat", "--result-file", str(out))  # fmt: skip
+    bench.main(args, engine_factory=profile_engine(tok))
+    (r,) = json.loads(out.read_text())["runs"]
+    # block 128: each group's first request caches 2 blocks (256 of 308 tokens); the other 3 reuse them
+    assert r["completed"] == 8 and math.isclose(r["prefix_hit_rate"], 6 * 256 / (8 * 308))
+
+
+def test_compare_profiles_and_decode_sweep(tok, tmp_path, capsys):
+    bench = load("benchmark")
+    out = tmp_path / "c.json"
+    args = bench_args(bench, "--dataset-name", "shared-prefix", "--prefix-groups", "2", "--prompts-per-group", "3",
+                      "--prefix-len", "200", "--suffix-len", "8", "--output-len", "3", "--max-concurrency", "1",
+                      "--compare-profiles",
+                      "chat,balanced,long-context", "--decode-sweep", "--decode-sweep-min", "128",
+                      "--decode-sweep-tokens", "4", "--result-file", str(out))  # fmt: skip
+    bench.main(args, engine_factory=profile_engine(tok))
+    res = json.loads(out.read_text())
+    assert [r["profile"] for r in res["runs"]] == ["chat", "balanced", "long-context"]
+    hit = {r["profile"]: r["prefix_hit_rate"] for r in res["runs"]}
+    # A 200-token prefix holds one 128-token block (chat) but no 256-token block (the others).
+    assert math.isclose(hit["chat"], 4 * 128 / (6 * 208)) and hit["balanced"] == hit["long-context"] == 0
+    assert res["winners"]["prefix_hit_rate"]["winner"] == "chat"
+    assert set(res["winners"]) >= {"ttft_ms.p50", "tpot_ms.p50", "output_throughput", "prefix_hit_rate"}
+    assert res["overall_winner"] in hit
+    printed = capsys.readouterr().out
+    assert "profile comparison" in printed and "prefix_hit_rate" in printed and "winner: chat" in printed
+    for prof in ("chat", "balanced", "long-context"):
+        rows = res["decode_sweep"][prof]
+        top = 8 * (128 if prof == "chat" else 256) - 4 - 1  # the largest context that fits 4 more tokens
+        assert [x["context"] for x in rows] == [c for c in (128, 256, 512, 1024) if c <= top] + [top]
+        assert all(x["ok"] and x["decode_ms_per_token"] >= 0 for x in rows)
+    assert "ms/token" in printed
+
+
+def test_mesh_flag_is_refused_until_the_engine_can_use_it():
+    from dsv4_jax.server import launch
+
+    args = load("serve").parse_args(["serve.py", "--mesh", "data=1,expert=1,tensor=1", "--compile-cache", ""])
+    assert args.mesh == "data=1,expert=1,tensor=1"
+    with pytest.raises(SystemExit, match="not wired up"):
+        launch.build_llm(args)
+
+
+def test_generate_profile_dir_traces_named_engine_steps(tok, tmp_path):
+    import gzip
+
+    from dsv4_jax.profiler import StepProfiler, instrument
+
+    engine = fake_engine(tok)
+    instrument(engine)
+    prof = StepProfiler(str(tmp_path / "trace"), num_steps=2, skip_steps=1)
+    load("generate").generate_jsonl(engine, RECORDS[:2], str(tmp_path / "o.jsonl"), DEFAULTS, progress=False,
+                                    profiler=prof)  # fmt: skip
+    assert prof.done and len(prof.trace_dirs) == 1
+    with gzip.open(next(pathlib.Path(prof.trace_dirs[0]).glob("perfetto_trace.json.gz"))) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    steps = [e for e in events if e["name"] == "engine_step"]
+    assert [e["args"]["step_num"] for e in steps] == ["1", "2"]  # skipped step 0, traced two
+    names = {e["name"] for e in events}
+    assert {"scheduler.schedule", "model_runner.execute", "scheduler.commit"} <= names
