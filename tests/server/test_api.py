@@ -4,8 +4,8 @@ shapes, streaming, chat encoding, thinking output, logprobs, usage, auth, metric
 import json
 
 import pytest
-from conftest import VOCAB, ScriptedRunner, fake_engine, limits, make_client
 from fake_runner import reference_generate
+from server_fakes import VOCAB, ScriptedRunner, fake_engine, limits, make_client
 
 from dsv4_jax.server import encoding
 

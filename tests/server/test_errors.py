@@ -5,7 +5,7 @@ import asyncio
 import json
 
 import pytest
-from conftest import PoisonRunner, SlowRunner, fake_engine, limits, make_client
+from server_fakes import PoisonRunner, SlowRunner, fake_engine, limits, make_client
 
 from dsv4_jax.engine.runner_api import SamplingParams
 from dsv4_jax.server.engine_thread import AsyncEngine

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import VOCAB, FakeRunner, fake_engine, limits
 from fake_runner import reference_generate
+from server_fakes import VOCAB, FakeRunner, fake_engine, limits
 
 from dsv4_jax.engine.llm_engine import LLMEngine
 from dsv4_jax.engine.profiles import make_config
