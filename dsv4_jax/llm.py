@@ -62,7 +62,7 @@ def _is_token_list(p) -> bool:
 
 class LLM:
     def __init__(self, checkpoint_dir: str, profile: str | None = None, swa_strategy: str | None = None, *,
-                 dtype: str = "bfloat16", **engine_args):  # fmt: skip
+                 dtype: str = "bfloat16", mesh=None, **engine_args):  # fmt: skip
         import jax.numpy as jnp  # the device side; the engine itself stays host-only
 
         from dsv4_jax.checkpoint import load_checkpoint, load_tokenizer
@@ -70,7 +70,12 @@ class LLM:
         from dsv4_jax.kv_cache import KVFormat
 
         config = make_config(profile, swa_strategy, **engine_args)
-        cfg, params = load_checkpoint(checkpoint_dir, getattr(jnp, dtype))
+        shards = 1
+        if mesh is not None:  # params restored straight into their shards; pools split per sequence shard
+            from dsv4_jax.sharding import DEFAULT_RULES, Layout
+
+            shards = Layout.create(mesh, DEFAULT_RULES).num_seq_shards
+        cfg, params = load_checkpoint(checkpoint_dir, getattr(jnp, dtype), mesh=mesh)
         tokenizer = load_tokenizer(checkpoint_dir, cfg)
         for r in sorted({r for r in cfg.compress_ratios if r}):
             if config.block_tokens % r:
@@ -78,7 +83,7 @@ class LLM:
                     f"block_tokens={config.block_tokens} must be a multiple of compress ratio {r}"
                 )
         acc = kv_bytes(cfg, KVFormat.parse(config.kv_format))
-        pools = plan_pools(config, acc.bytes_per_token, acc.fixed_bytes_per_seq, cfg.max_position_embeddings)
+        pools = plan_pools(config, acc.bytes_per_token, acc.fixed_bytes_per_seq, cfg.max_position_embeddings, shards)
 
         from dsv4_jax.engine.model_runner import JaxModelRunner
 
@@ -87,7 +92,7 @@ class LLM:
             block_tokens=config.block_tokens, max_blocks_per_seq=pools.max_blocks_per_seq,
             num_snapshots=pools.num_snapshots, max_batch=config.max_batch,
             max_tokens_per_step=config.max_tokens_per_step, kv_format=config.kv_format,
-            eos_token_id=cfg.eos_token_id,
+            eos_token_id=cfg.eos_token_id, mesh=mesh,
         )  # fmt: skip
         self.model_config = cfg
         self.pools: PoolPlan | None = pools

@@ -60,6 +60,12 @@ def main(args) -> int:
     from dsv4_jax.server.engine_thread import AsyncEngine
     from dsv4_jax.server.metrics import ServerMetrics
 
+    if args.coordinator is not None:
+        # Every process of a multi-host mesh must issue the same steps in the same order; one
+        # HTTP front end feeding every host's engine the same schedule is not built yet, and a
+        # server per host would deadlock on the first collective. Refuse rather than hang.
+        raise SystemExit("--coordinator: serve.py runs on one host (a --mesh over its devices); serving across "
+                         "hosts needs the engines in lockstep, which is not implemented (docs/SERVING.md)")
     llm = launch.build_llm(args)
     engine = llm.engine
     if not args.no_warmup:

@@ -17,6 +17,11 @@ state accounting (``kv_accounting.kv_bytes`` via ``RunnerLimits.bytes_per_block`
   strategies), each owned by the prefix-cache entry of the block that ends there; the same
   size as a slot.
 
+Shards: a data-parallel runner (``RunnerLimits.num_seq_shards`` > 1) splits slots and blocks
+into equal contiguous ranges, one per sequence shard, and a sequence's pools live on its slot's
+shard, so every block it uses must come from that shard's range. Each shard therefore has its
+own free lists (and the prefix cache evicts per shard); with one shard this is the plain pool.
+
 Write safety: a sequence only writes a block it holds alone (refcount 1) that is not a cache
 entry (``is_exclusive``); ``scheduler.py`` explains why that holds without copy-on-write.
 """
@@ -41,21 +46,30 @@ class BlockManager:
         self.limits = limits
         self.cache = cache
         self._ref = [0] * limits.num_blocks
-        self._free_blocks = collections.deque(range(limits.num_blocks))
-        self._free_slots = collections.deque(range(limits.num_slots))
+        S, nb, ns = limits.num_seq_shards, limits.blocks_per_shard, limits.slots_per_shard
+        self._free_blocks = [collections.deque(range(k * nb, (k + 1) * nb)) for k in range(S)]
+        self._free_slots = [collections.deque(range(k * ns, (k + 1) * ns)) for k in range(S)]
         self._free_snapshots = collections.deque(range(limits.num_snapshots))
         self._pending_snapshots: set[int] = set()  # saved this step, not yet attached to an entry
 
     # ------------------------------------------------------------------ blocks
     @property
+    def num_shards(self) -> int:
+        return self.limits.num_seq_shards
+
+    @property
     def num_free_blocks(self) -> int:
-        """Blocks on the free list (not counting evictable cache entries)."""
-        return len(self._free_blocks)
+        """Blocks on the free lists (not counting evictable cache entries)."""
+        return sum(len(q) for q in self._free_blocks)
 
     @property
     def num_available_blocks(self) -> int:
-        """Blocks ``allocate`` can hand out now: free ones plus evictable cache entries."""
-        return len(self._free_blocks) + (self.cache.num_evictable if self.cache else 0)
+        """Blocks ``allocate`` can hand out now over all shards: free ones plus evictable cache entries."""
+        return self.num_free_blocks + (self.cache.num_evictable if self.cache else 0)
+
+    def available_blocks(self, shard: int) -> int:
+        """Blocks ``allocate(n, shard)`` can hand out now."""
+        return len(self._free_blocks[shard]) + (self.cache.num_evictable_in(shard) if self.cache else 0)
 
     def refcount(self, block_id: int) -> int:
         return self._ref[block_id]
@@ -64,16 +78,18 @@ class BlockManager:
         """True if a sequence holding this block may write it."""
         return self._ref[block_id] == 1 and not (self.cache and self.cache.is_cached(block_id))
 
-    def allocate(self, n: int) -> list[int]:
-        """``n`` fresh blocks (refcount 1), evicting least-recently-used cache entries if needed."""
-        if n > self.num_available_blocks:
-            raise RuntimeError(f"allocate({n}): only {self.num_available_blocks} blocks available")
+    def allocate(self, n: int, shard: int = 0) -> list[int]:
+        """``n`` fresh blocks (refcount 1) of ``shard``, evicting least-recently-used cache
+        entries of that shard if needed."""
+        if n > self.available_blocks(shard):
+            raise RuntimeError(f"allocate({n}) on shard {shard}: only {self.available_blocks(shard)} blocks available")
+        free = self._free_blocks[shard]
         out = []
         for _ in range(n):
-            if self._free_blocks:
-                b = self._free_blocks.popleft()
+            if free:
+                b = free.popleft()
             else:
-                e = self.cache.evict()
+                e = self.cache.evict(shard)
                 if e.snapshot is not None:
                     self.free_snapshot(e.snapshot)
                 b = e.block_id
@@ -100,22 +116,26 @@ class BlockManager:
                 if self.cache is not None and self.cache.is_cached(b):
                     self.cache.release(b)
                 else:
-                    self._free_blocks.append(b)
+                    self._free_blocks[self.limits.block_shard(b)].append(b)
 
     # ------------------------------------------------------------------ slots
     @property
     def num_free_slots(self) -> int:
-        return len(self._free_slots)
+        return sum(len(q) for q in self._free_slots)
 
-    def alloc_slot(self) -> int:
-        if not self._free_slots:
-            raise RuntimeError("no free state slot")
-        return self._free_slots.popleft()
+    def free_slots_in(self, shard: int) -> int:
+        return len(self._free_slots[shard])
+
+    def alloc_slot(self, shard: int = 0) -> int:
+        if not self._free_slots[shard]:
+            raise RuntimeError(f"no free state slot on shard {shard}")
+        return self._free_slots[shard].popleft()
 
     def free_slot(self, slot: int) -> None:
-        if slot in self._free_slots:
+        q = self._free_slots[self.limits.slot_shard(slot)]
+        if slot in q:
             raise RuntimeError(f"slot {slot} freed twice")
-        self._free_slots.append(slot)
+        q.append(slot)
 
     # ------------------------------------------------------------------ snapshots
     @property
@@ -154,25 +174,29 @@ class BlockManager:
 
     def refusal(self, worst_blocks: int) -> str | None:
         """Why a request whose state can grow to ``worst_blocks`` blocks can never run (the
-        whole pool could not hold it even alone), or None."""
+        whole pool, or one shard's part of it, could not hold it even alone), or None."""
         lim = self.limits
-        if worst_blocks > lim.num_blocks:
+        cap = lim.blocks_per_shard
+        if worst_blocks > cap:
+            where = "the block pool holds" if lim.num_seq_shards == 1 else (
+                f"a sequence's blocks must sit on one of {lim.num_seq_shards} sequence shards, each holding")
             return (f"needs up to {worst_blocks} blocks of {lim.block_tokens} tokens = "
-                    f"{fmt_bytes(self.bytes_of(worst_blocks))} of KV state, but the block pool holds "
-                    f"{lim.num_blocks} blocks = {fmt_bytes(self.bytes_of(lim.num_blocks))}")  # fmt: skip
+                    f"{fmt_bytes(self.bytes_of(worst_blocks))} of KV state, but {where} "
+                    f"{cap} blocks = {fmt_bytes(self.bytes_of(cap))}")  # fmt: skip
         return None
 
-    def shortfall(self, new_blocks: int, reserved_hits: int) -> str | None:
-        """Why ``new_blocks`` fresh blocks and a slot cannot be taken now (the request queues),
-        or None. ``reserved_hits``: evictable blocks the request is about to share, which
-        therefore do not count as available."""
-        if not self._free_slots:
-            return f"all {self.limits.num_slots} state slots are in use"
-        avail = self.num_available_blocks - reserved_hits
+    def shortfall(self, new_blocks: int, reserved_hits: int, shard: int = 0) -> str | None:
+        """Why ``new_blocks`` fresh blocks and a slot of ``shard`` cannot be taken now (the
+        request queues), or None. ``reserved_hits``: evictable blocks the request is about to
+        share, which therefore do not count as available."""
+        on = f" on sequence shard {shard}" if self.num_shards > 1 else ""
+        if not self._free_slots[shard]:
+            return f"all {self.limits.slots_per_shard} state slots{on} are in use"
+        avail = self.available_blocks(shard) - reserved_hits
         if new_blocks > avail:
             return (f"needs {new_blocks} new blocks + 1 slot = "
                     f"{fmt_bytes(self.bytes_of(new_blocks, 1))}; {avail} blocks = "
-                    f"{fmt_bytes(self.bytes_of(avail))} available")  # fmt: skip
+                    f"{fmt_bytes(self.bytes_of(avail))} available{on}")  # fmt: skip
         return None
 
     # ------------------------------------------------------------------ reset / checks
@@ -183,7 +207,7 @@ class BlockManager:
             e = self.cache.evict()
             if e.snapshot is not None:
                 self.free_snapshot(e.snapshot)
-            self._free_blocks.append(e.block_id)
+            self._free_blocks[self.limits.block_shard(e.block_id)].append(e.block_id)
             n += 1
         return n
 
@@ -193,16 +217,22 @@ class BlockManager:
         held = [b for b, r in enumerate(self._ref) if r]
         if held:
             out.append(f"blocks still referenced: {held}")
-        free = set(self._free_blocks)
+        free = {b for q in self._free_blocks for b in q}
         evictable = {b for b in range(self.limits.num_blocks) if self.cache and self.cache.is_evictable(b)}
-        if len(free) != len(self._free_blocks) or free & evictable:
+        if len(free) != self.num_free_blocks or free & evictable:
             out.append("a block is listed twice in the free list / LRU")
+        lim = self.limits
+        if any(lim.block_shard(b) != k for k, q in enumerate(self._free_blocks) for b in q) or any(
+            lim.slot_shard(s) != k for k, q in enumerate(self._free_slots) for s in q
+        ):
+            out.append("a block or slot is on another shard's free list")
         if len(free) + len(evictable) != self.limits.num_blocks:
             out.append(
                 f"{self.limits.num_blocks - len(free) - len(evictable)} blocks neither free nor evictable"
             )
-        if len(self._free_slots) != self.limits.num_slots:
-            out.append(f"slots in use: {sorted(set(range(self.limits.num_slots)) - set(self._free_slots))}")
+        if self.num_free_slots != self.limits.num_slots:
+            free_slots = {s for q in self._free_slots for s in q}
+            out.append(f"slots in use: {sorted(set(range(self.limits.num_slots)) - free_slots)}")
         attached = self.cache.snapshot_ids() if self.cache else []
         if self._pending_snapshots:
             out.append(f"snapshots saved but never attached: {sorted(self._pending_snapshots)}")

@@ -79,7 +79,7 @@ class LLMEngine:
             ctx = max_model_len
             self._ctx_parts.append(f"max_model_len={max_model_len}")
         self.max_model_len = ctx
-        self.cache = PrefixCache() if config.enable_prefix_cache else None
+        self.cache = PrefixCache(lim.block_shard) if config.enable_prefix_cache else None
         self.block_manager = BlockManager(lim, self.cache)
         self.scheduler = Scheduler(lim, config, self.block_manager, self.cache, ctx)
         self._requests: dict[str, Request] = {}

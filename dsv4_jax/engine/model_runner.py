@@ -74,6 +74,7 @@ class JaxModelRunner:
             max_tokens_per_step=max_tokens_per_step, window=cfg.sliding_window, num_layers=cfg.num_hidden_layers,
             vocab_size=cfg.vocab_size, eos_token_id=cfg.eos_token_id if eos_token_id is None else eos_token_id,
             bytes_per_block=int(round(acc.bytes_per_token * block_tokens)), bytes_per_slot=acc.fixed_bytes_per_seq,
+            num_seq_shards=self.placement.shards,
         )  # fmt: skip
         self.state = self.placement.init_state()
         self.snapshots = self.placement.init_snapshots(num_snapshots)

@@ -26,7 +26,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import heapq
+import itertools
 from array import array
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 ROOT_KEY = b"\x00" * 16  # the key "before" block 0
@@ -80,10 +83,19 @@ class PrefixCache:
     """Key → entry map plus the LRU of evictable entries. Knows nothing of refcounts itself:
     ``BlockManager`` tells it when a cached block becomes unused (``release``) or used (``use``)."""
 
-    def __init__(self):
+    def __init__(self, block_shard: Callable[[int], int] | None = None):
+        """``block_shard``: the sequence shard a block id lives on (``RunnerLimits.block_shard``);
+        a data-parallel runner can only give a sequence blocks of its own shard, so evictions are
+        asked for per shard. None: one shard."""
+        self._shard_of = block_shard or (lambda b: 0)
         self._by_key: dict[bytes, CacheEntry] = {}
         self._by_block: dict[int, CacheEntry] = {}
-        self._lru: collections.OrderedDict[int, CacheEntry] = collections.OrderedDict()  # block id → entry
+        # One LRU per shard (least recently released first); entries carry a release stamp so
+        # "least recently released over all shards" is still defined.
+        self._lru: dict[int, collections.OrderedDict[int, tuple[int, CacheEntry]]] = collections.defaultdict(
+            collections.OrderedDict
+        )
+        self._clock = itertools.count()
         self.counters = CacheCounters()
 
     # ------------------------------------------------------------------ queries
@@ -111,10 +123,15 @@ class PrefixCache:
 
     @property
     def num_evictable(self) -> int:
-        return len(self._lru)
+        return sum(len(d) for d in self._lru.values())
+
+    def num_evictable_in(self, shard: int) -> int:
+        d = self._lru.get(shard)
+        return len(d) if d else 0
 
     def is_evictable(self, block_id: int) -> bool:
-        return block_id in self._lru
+        d = self._lru.get(self._shard_of(block_id))
+        return bool(d) and block_id in d
 
     def snapshot_ids(self) -> list[int]:
         return [e.snapshot for e in self._by_key.values() if e.snapshot is not None]
@@ -134,15 +151,20 @@ class PrefixCache:
 
     def release(self, block_id: int) -> None:
         """The cached block's refcount fell to 0: it becomes evictable (most recent last)."""
-        self._lru[block_id] = self._by_block[block_id]
+        self._lru[self._shard_of(block_id)][block_id] = (next(self._clock), self._by_block[block_id])
 
     def use(self, block_id: int) -> None:
         """A sequence took a reference to an evictable cached block."""
-        self._lru.pop(block_id, None)
+        d = self._lru.get(self._shard_of(block_id))
+        if d:
+            d.pop(block_id, None)
 
-    def evict(self) -> CacheEntry:
-        """Drop the least recently released entry; the caller frees its block and snapshot."""
-        _, e = self._lru.popitem(last=False)
+    def evict(self, shard: int | None = None) -> CacheEntry:
+        """Drop the least recently released entry (of ``shard``, or of any shard); the caller
+        frees its block and snapshot."""
+        if shard is None:
+            shard = min((d for d in self._lru.items() if d[1]), key=lambda d: next(iter(d[1].values()))[0])[0]
+        _, (_, e) = self._lru[shard].popitem(last=False)
         del self._by_key[e.key]
         del self._by_block[e.block_id]
         self.counters.evicted_blocks += 1
@@ -151,8 +173,9 @@ class PrefixCache:
     def steal_snapshot(self) -> int | None:
         """Detach the snapshot of the least recently released entry that has one (its block
         stays cached for the compressed entries; a later hit there replays from an older
-        snapshot or bounded recompute). None if no evictable entry holds a snapshot."""
-        for e in self._lru.values():
+        snapshot or bounded recompute). None if no evictable entry holds a snapshot. Snapshots
+        are not tied to a shard (the runner copies a slot across shards), so any shard's will do."""
+        for _, e in heapq.merge(*(d.values() for d in self._lru.values()), key=lambda x: x[0]):
             if e.snapshot is not None:
                 sid, e.snapshot = e.snapshot, None
                 self.counters.evicted_snapshots += 1

@@ -135,31 +135,37 @@ class PoolPlan:
 
 
 def plan_pools(
-    ec: EngineConfig, bytes_per_token: float, bytes_per_slot: int, max_position_embeddings: int
+    ec: EngineConfig, bytes_per_token: float, bytes_per_slot: int, max_position_embeddings: int, shards: int = 1
 ) -> PoolPlan:
     """Pool sizes for ``ec``. ``bytes_per_token`` / ``bytes_per_slot``: the state accounting's
     per-token cost of all compressed pools and fixed per-sequence cost (windows + tails), as
-    ``kv_accounting.kv_bytes(cfg, fmt)`` gives them; a snapshot costs what a slot does."""
+    ``kv_accounting.kv_bytes(cfg, fmt)`` gives them; a snapshot costs what a slot does.
+    ``shards``: sequence shards of a data-parallel runner; slots are rounded up and blocks down
+    to a multiple of it (each shard gets an equal part, and one sequence's blocks must fit in
+    one part)."""
     max_len = min(ec.max_model_len or max_position_embeddings, max_position_embeddings)
     max_blocks = -(-max_len // ec.block_tokens)
     max_len = min(max_len, max_blocks * ec.block_tokens)
     per_block = round(bytes_per_token * ec.block_tokens)
-    slots = ec.num_slots or ec.max_batch
+    slots = -(-(ec.num_slots or ec.max_batch) // shards) * shards
     snaps = ec.num_snapshots if ec.snapshot_interval else 0
     if ec.num_blocks is not None:
         blocks = ec.num_blocks
     elif ec.kv_cache_bytes is not None:
         left = ec.kv_cache_bytes - (slots + snaps) * bytes_per_slot
-        blocks = left // per_block if left > 0 else 0
-        if blocks < max_blocks:
+        blocks = left // per_block // shards * shards if left > 0 else 0
+        if blocks // shards < max_blocks:
+            per = "" if shards == 1 else f" ({blocks // shards} on each of {shards} sequence shards)"
             raise ValueError(
-                f"kv_cache_bytes={ec.kv_cache_bytes:,} leaves {max(blocks, 0)} blocks after {slots} slots and "
+                f"kv_cache_bytes={ec.kv_cache_bytes:,} leaves {max(blocks, 0)} blocks{per} after {slots} slots and "
                 f"{snaps} snapshots of {bytes_per_slot:,} B; one sequence at max_model_len={max_len} needs "
                 f"{max_blocks} blocks of {per_block:,} B. Raise kv_cache_bytes or lower max_model_len / "
                 f"num_slots / num_snapshots."
             )
     else:
         blocks = slots * max_blocks
+    if blocks % shards:
+        raise ValueError(f"num_blocks={blocks} must be a multiple of the {shards} sequence shards of the mesh")
     return PoolPlan(slots, blocks, snaps, max_blocks, max_len, per_block, int(bytes_per_slot))
 
 

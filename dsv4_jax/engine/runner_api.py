@@ -149,6 +149,30 @@ class RunnerLimits:
     eos_token_id: int
     bytes_per_block: int  # all pools of all layers together, one logical block
     bytes_per_slot: int  # windows + tails of one sequence
+    # Sequence shards of a data-parallel runner (``JaxModelRunner`` on a mesh): slots and blocks
+    # are split into this many equal contiguous ranges, and a sequence may only use blocks from
+    # its slot's range (its pools live on that shard's devices). 1 on a single device.
+    num_seq_shards: int = 1
+
+    def __post_init__(self):
+        s = self.num_seq_shards
+        if s < 1 or self.num_slots % s or self.num_blocks % s:
+            raise ValueError(f"num_slots={self.num_slots} and num_blocks={self.num_blocks} must split evenly "
+                             f"over num_seq_shards={s}")  # fmt: skip
+
+    @property
+    def slots_per_shard(self) -> int:
+        return self.num_slots // self.num_seq_shards
+
+    @property
+    def blocks_per_shard(self) -> int:
+        return self.num_blocks // self.num_seq_shards
+
+    def slot_shard(self, slot: int) -> int:
+        return slot // self.slots_per_shard
+
+    def block_shard(self, block_id: int) -> int:
+        return block_id // self.blocks_per_shard
 
 
 class ModelRunner(Protocol):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import time
 
 from dsv4_jax.engine.block_manager import BlockManager
@@ -165,13 +166,16 @@ class Scheduler:
         """Blocks to cover positions < ``end``, preempting the newest unscheduled sequences if
         the pool is short. False if ``seq`` itself had to yield."""
         need = cdiv(end, self.bt) - len(seq.block_ids)
-        while need > self.bm.num_available_blocks:
-            victim = next(s for s in reversed(self.running) if s.seq_id not in taken)
+        shard = self.limits.slot_shard(seq.slot)
+        while need > self.bm.available_blocks(shard):
+            # Only a sequence on the same shard frees blocks ``seq`` can use.
+            victim = next(s for s in reversed(self.running)
+                          if s.seq_id not in taken and self.limits.slot_shard(s.slot) == shard)  # fmt: skip
             self._preempt(victim)
             if victim is seq:
                 return False
         if need > 0:
-            seq.block_ids += self.bm.allocate(need)
+            seq.block_ids += self.bm.allocate(need, shard)
         return True
 
     def _chunk(self, seq: Sequence, budget: int) -> Scheduled:
@@ -222,12 +226,11 @@ class Scheduler:
         if self.cache is not None:
             k = (n - 1) // self.bt  # never the block holding the last token
             hits = self.cache.match(extend_keys(seq.block_keys, seq.tokens, self.bt, k)[:k])
-        reserved = sum(1 for e in hits if self.bm.refcount(e.block_id) == 0)
-        reason = self.bm.shortfall(total - len(hits), reserved)
+        shard, hits, reason = self._place(hits, total)
         if reason is not None:
             return reason
-        seq.block_ids = self.bm.share(hits) + self.bm.allocate(total - len(hits))
-        seq.slot = self.bm.alloc_slot()
+        seq.block_ids = self.bm.share(hits) + self.bm.allocate(total - len(hits), shard)
+        seq.slot = self.bm.alloc_slot(shard)
         hit = len(hits) * self.bt
         seq.num_computed, seq.state_start, seq.restore_snapshot = self._resume_point(hits, hit)
         seq.cached_until, seq.num_registered, seq.fresh, seq.wait_reason = hit, len(hits), True, ""
@@ -241,6 +244,24 @@ class Scheduler:
             c.recompute_tokens += hit - seq.num_computed
             c.restored_snapshots += seq.restore_snapshot is not None
         return None
+
+    def _place(self, hits: list[CacheEntry], total: int) -> tuple[int, list[CacheEntry], str | None]:
+        """The sequence shard to admit a request on, the cache hits it can use there, and why
+        it must wait (None if it fits). A shard can only use the hits whose blocks live on it,
+        from block 0 on; among the shards that fit, the longest usable hit wins, then the most
+        available blocks (spreading load). With one shard: shard 0 and every hit."""
+        best, why = None, None
+        for k in range(self.limits.num_seq_shards):
+            usable = list(itertools.takewhile(lambda e: self.limits.block_shard(e.block_id) == k, hits))
+            reserved = sum(1 for e in usable if self.bm.refcount(e.block_id) == 0)
+            reason = self.bm.shortfall(total - len(usable), reserved, k)
+            if reason is not None:
+                why = why or reason
+                continue
+            rank = (len(usable), self.bm.available_blocks(k) - reserved)
+            if best is None or rank > best[0]:
+                best = (rank, k, usable)
+        return (best[1], best[2], None) if best else (0, [], why)
 
     def _resume_point(self, hits: list[CacheEntry], hit: int) -> tuple[int, int, int | None]:
         """(first position to feed, state_start, snapshot to restore) for a hit of ``hit`` tokens."""

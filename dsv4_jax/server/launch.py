@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import os
 import pathlib
 import random
@@ -43,12 +42,9 @@ def add_model_args(parser: argparse.ArgumentParser, profiling: bool = True) -> N
     add_cli_args(parser)  # --profile, --swa-strategy, --max-model-len, --kv-format, --max-batch, ...
     parser.add_argument("--max-num-seqs", dest="max_batch", type=int, default=None,
                         help="vLLM's name for --max-batch: sequences running at once")  # fmt: skip
-    try:
-        from dsv4_jax.mesh import add_mesh_args
-    except ImportError:
-        parser.add_argument("--mesh", default=None, help="device mesh (not available in this build)")
-    else:
-        add_mesh_args(parser)
+    from dsv4_jax.mesh import add_mesh_args
+
+    add_mesh_args(parser)  # --mesh data=1,expert=8,tensor=1 and the multi-host flags
     parser.add_argument("--compile-cache", default=DEFAULT_COMPILE_CACHE,
                         help="persistent XLA compile cache directory ('' disables)")  # fmt: skip
     if profiling:
@@ -81,25 +77,21 @@ def build_llm(args: argparse.Namespace):
 
     config = config_from_args(args)
     kw = dataclasses.asdict(config)
-    mesh_flag = getattr(args, "mesh", None)
-    if mesh_flag is not None or getattr(args, "coordinator", None) is not None:
-        if "mesh" not in inspect.signature(LLM.__init__).parameters:
-            # JaxModelRunner takes a mesh, but LLM does not build one into it, and the engine's block
-            # manager does not yet give each sequence blocks from its slot's shard
-            # (JaxModelRunner.slot_shard / shard_blocks). Refuse rather than ignore the flag; this
-            # passes the mesh through as soon as LLM accepts ``mesh=``.
-            raise SystemExit(f"--mesh {mesh_flag}: serving on a mesh is not wired up yet (LLM takes no mesh; the "
-                             "engine's block manager is not shard-aware); run without --mesh")  # fmt: skip
+    shards = 1
+    if getattr(args, "mesh", None) is not None or getattr(args, "coordinator", None) is not None:
         from dsv4_jax.mesh import mesh_from_args
+        from dsv4_jax.sharding import DEFAULT_RULES, Layout
 
-        kw["mesh"] = mesh_from_args(args)
+        kw["mesh"] = mesh_from_args(args)  # None with --coordinator alone: one device per process
+        if kw["mesh"] is not None:
+            shards = Layout.create(kw["mesh"], DEFAULT_RULES).num_seq_shards
     setup_compile_cache(getattr(args, "compile_cache", None))
     if _is_demo(args.checkpoint) and config.num_blocks is None and config.kv_cache_bytes is None:
         # The profiles size the pool for every slot at full context (16K blocks for the demo);
         # a step's cost grows with the pool (docs/PERF.md), so the demo gets one full-context
-        # sequence's worth, which still holds many short ones.
+        # sequence's worth (per sequence shard on a mesh), which still holds many short ones.
         max_len = min(config.max_model_len or DEMO_MAX_POSITIONS, DEMO_MAX_POSITIONS)
-        kw["num_blocks"] = -(-max_len // config.block_tokens)
+        kw["num_blocks"] = -(-max_len // config.block_tokens) * shards
         logging.info(
             "demo checkpoint: %d pool blocks (--num-blocks / --kv-cache-bytes to change)", kw["num_blocks"]
         )

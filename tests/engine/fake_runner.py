@@ -124,6 +124,8 @@ class FakeRunner:
         require(len(w.block_ids) <= L.max_blocks_per_seq, "more blocks than max_blocks_per_seq")
         require(end <= len(w.block_ids) * bt, f"positions up to {end} but only {len(w.block_ids)} blocks")
         require(0 <= w.slot < L.num_slots, f"slot {w.slot} out of range")
+        off = [b for b in w.block_ids if L.block_shard(b) != L.slot_shard(w.slot)]
+        require(not off, f"seq {w.seq_id}: slot {w.slot} is on shard {L.slot_shard(w.slot)} but uses blocks {off}")
         require(w.state_start <= w.start, "state_start after start")
         if w.cached_until:
             require(end <= w.cached_until, "a replay chunk straddles cached_until")

@@ -220,12 +220,13 @@ def test_compare_profiles_and_decode_sweep(tok, tmp_path, capsys):
     assert "ms/token" in printed
 
 
-def test_mesh_flag_is_refused_until_the_engine_can_use_it():
+def test_a_mesh_that_does_not_fit_the_devices_is_refused_by_name():
+    """(Serving on a mesh that fits: tests/sharding/test_serving_on_mesh.py.)"""
     from dsv4_jax.server import launch
 
-    args = load("serve").parse_args(["serve.py", "--mesh", "data=1,expert=1,tensor=1", "--compile-cache", ""])
-    assert args.mesh == "data=1,expert=1,tensor=1"
-    with pytest.raises(SystemExit, match="not wired up"):
+    args = load("serve").parse_args(["serve.py", "--mesh", "data=2,expert=8,tensor=1", "--compile-cache", ""])
+    assert args.mesh == "data=2,expert=8,tensor=1"
+    with pytest.raises(ValueError, match="covers 16 devices but 8 are available"):
         launch.build_llm(args)
 
 
