@@ -1,9 +1,8 @@
 """End to end on the demo checkpoint: the host engine driving ``JaxModelRunner`` (float32).
 
-Pending: named ``_pending_test_*`` so pytest does not collect it until the runner lands;
-enable by renaming to ``test_e2e_demo.py``. Every engine run is compared with each request
-generated alone, greedily, by the state path of the model (``state_utils.run``: one prefill,
-then one decode step at a time, in a fresh state): the issue's correctness criteria.
+Every engine run is compared with each request generated alone, greedily, by the state path
+of the model (``state_utils.run``: one prefill, then one decode step at a time, in a fresh
+state): the issue's correctness criteria.
 
 Demo model: 3 layers, window 128, so a recompute replay is 384 tokens; blocks of 128 tokens.
 One runner is built once and shared: each test puts a fresh ``LLMEngine`` on it, optionally
