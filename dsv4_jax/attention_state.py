@@ -119,7 +119,7 @@ def attention_chunk(x, positions, p, st: dict, meta: kvc.StepMeta, layer: int, c
                                             cached_until)
                 qi, wi = indexer.index_queries(x, c_q, positions, ip, cfg, sim_quant=sim_quant)
                 if kernels == "pallas":
-                    idx, _ = pk.indexer_topk(qi, wi, new["idx"], bt, start, lengths, ratio=ratio,
+                    idx, _ = pk.indexer_topk(qi, wi, kvc.logical(new["idx"]), bt, start, lengths, ratio=ratio,
                                              topk=cfg.index_topk)
                 else:
                     keys = _read_entries(new["idx"], bt, kvc.decode_index, dtype)
@@ -128,8 +128,8 @@ def attention_chunk(x, positions, p, st: dict, meta: kvc.StepMeta, layer: int, c
                     idx = indexer.select_topk(indexer.index_scores(qi, wi, keys), positions, ratio, cfg.index_topk)
     with jax.named_scope("core"):
         if kernels == "pallas":
-            o = pk.sparse_attention(q, kv, st["window"], slots, new.get("cmp"), bt if compressed else None, idx,
-                                    p["attn_sink"], start, lengths, ratio=ratio)
+            o = pk.sparse_attention(q, kv, kvc.logical(st["window"]), slots, kvc.logical(new.get("cmp")),
+                                    bt if compressed else None, idx, p["attn_sink"], start, lengths, ratio=ratio)
         else:
             o = attention.attend(q, _reference_segments(q, kv, st, new, meta, positions, idx, kind, ratio, cfg,
                                                         state_start), p["attn_sink"])

@@ -20,6 +20,8 @@ Storage formats (``KVFormat``): main rows ``dense`` (the cache dtype, bf16 by de
 as the reference stores them) or ``fp8`` (584 B/row at K=512: e4m3 nope dims + bf16
 RoPE dims + UE8M0 scales); indexer keys ``dense``, ``fp8`` (132 B) or ``fp4`` (68 B).
 The codecs live in ``pallas_kernels.kv_format`` beside the kernels that read them.
+At rest the state holds bf16 / e4m3 leaves as their bits (u16 / u8) so that a step's
+writes stay in place (see "storage" below); ``take_rows`` returns the float view.
 """
 
 from __future__ import annotations
@@ -112,16 +114,16 @@ def _rope_dim(cfg: Config) -> int:
 
 def alloc_main(prefix: tuple[int, ...], cfg: Config, cc: CacheConfig, poison: bool):
     if cc.fmt.main == "fp8":
-        return kv_format.allocate_rows(prefix, "fp8_ds_mla", cfg.head_dim, _rope_dim(cfg), poison=poison)
+        return stored(kv_format.allocate_rows(prefix, "fp8_ds_mla", cfg.head_dim, _rope_dim(cfg), poison=poison))
     fill = jnp.nan if poison else 0.0
-    return jnp.full(prefix + (cfg.head_dim,), fill, cc.dtype)
+    return stored(jnp.full(prefix + (cfg.head_dim,), fill, cc.dtype))
 
 
 def alloc_index(prefix: tuple[int, ...], cfg: Config, cc: CacheConfig, poison: bool):
     if cc.fmt.index != "dense":
-        return kv_format.allocate_rows(prefix, f"indexer_{cc.fmt.index}", cfg.index_head_dim, poison=poison)
+        return stored(kv_format.allocate_rows(prefix, f"indexer_{cc.fmt.index}", cfg.index_head_dim, poison=poison))
     fill = jnp.nan if poison else 0.0
-    return jnp.full(prefix + (cfg.index_head_dim,), fill, cc.dtype)
+    return stored(jnp.full(prefix + (cfg.index_head_dim,), fill, cc.dtype))
 
 
 def encode_main(rows: jax.Array, cfg: Config, cc: CacheConfig):
@@ -144,14 +146,74 @@ def decode_index(rows, dtype) -> jax.Array:
     return kv_format.dequantize_indexer_keys(rows, dtype)
 
 
+# ----------------------------------------------------------------------------- storage
+# At rest a row store holds bits, not floats: bf16 leaves as u16, e4m3 leaves as u8.
+# Reason: XLA's CPU backend computes bf16 and fp8 in f32 ("float normalisation"), so a
+# scatter into a bf16 / fp8 pool became convert(pool) → dynamic-update-slice → convert back
+# plus a copy: every decode step read and rewrote every pool whole, 1.2 s per step at 16,384
+# blocks (docs/PERF.md "Decode"). An integer scatter has nothing to convert and stays in
+# place in the donated buffer. Bitcasting at each write does not do instead: the CPU backend
+# materialises a whole-array bitcast-convert as a loop, i.e. a copy. Readers gather rows
+# first and view only those as floats (``take_rows``).
+_BITS = {jnp.dtype(jnp.bfloat16): jnp.uint16, jnp.dtype(jnp.float8_e4m3fn): jnp.uint8}
+
+
+def _view(a, dtype):
+    """``a`` with its bits read as ``dtype`` (arrays, tracers or ShapeDtypeStructs)."""
+    if a.dtype == jnp.dtype(dtype):
+        return a
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(a.shape, dtype)
+    return jax.lax.bitcast_convert_type(a, dtype)
+
+
+def stored(rows):
+    """A row container (logical dtypes) → its at-rest form (bf16 / e4m3 leaves as bits)."""
+    return jax.tree.map(lambda a: _view(a, _BITS.get(jnp.dtype(a.dtype), a.dtype)), rows)
+
+
+def logical(store):
+    """The inverse of :func:`stored`: the container with its float dtypes (bitcasts only).
+
+    Meant for a few gathered rows; on a whole pool (the Pallas kernels' inputs) the CPU
+    backend copies it."""
+    e4m3, bf16 = jnp.float8_e4m3fn, jnp.bfloat16
+    if isinstance(store, kv_format.Fp8Rows):
+        return kv_format.Fp8Rows(_view(store.nope, e4m3), _view(store.rope, bf16), store.scale)
+    if isinstance(store, kv_format.Fp8IndexerKeys):
+        return kv_format.Fp8IndexerKeys(_view(store.values, e4m3), store.scale)
+    if isinstance(store, kv_format.Fp4IndexerKeys):
+        return store
+    return jax.tree.map(lambda a: _view(a, bf16) if a.dtype == jnp.uint16 else a, store)
+
+
 def take_rows(store, idx: jax.Array):
-    """Gather along the leading axis of every leaf of a row store (ids clamped in range)."""
-    return jax.tree.map(lambda a: jnp.take(a, idx, axis=0, mode="clip"), store)
+    """Gather along the leading axis of every leaf of a row store (ids clamped in range);
+    the gathered rows come back in their logical dtypes."""
+    return logical(jax.tree.map(lambda a: jnp.take(a, idx, axis=0, mode="clip"), store))
 
 
 def put_rows(store, idx: tuple[jax.Array, ...], rows):
-    """Scatter ``rows`` (same container type) at ``idx``; out-of-range indices are dropped."""
-    return jax.tree.map(lambda a, r: a.at[idx].set(r.astype(a.dtype), mode="drop"), store, rows)
+    """Scatter ``rows`` (same container type, logical dtypes) at ``idx``; out-of-range
+    indices are dropped. The scatter moves bits, in place.
+
+    A scatter of a single row (batch-1 decode) would be simplified into a
+    dynamic-update-slice, which XLA's CPU fusion may duplicate into the readers of the new
+    pool, so that the old buffer must survive the update: a whole-pool copy. One extra
+    dropped index keeps it a scatter."""
+    want = logical(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), store))
+    bits = stored(jax.tree.map(lambda w, r: r.astype(w.dtype), want, rows))
+    lead = jax.tree.leaves(store)[0].shape[0]
+    idx = tuple(jnp.concatenate([i.reshape(-1), jnp.full((1,), lead if k == 0 else 0, i.dtype)])
+                for k, i in enumerate(jnp.broadcast_arrays(*idx)))
+    n = idx[0].shape[0]
+
+    def put(a, r):
+        r = r.reshape(n - 1, *a.shape[len(idx):])  # rows in index order
+        r = jnp.concatenate([r, jnp.zeros((1, *r.shape[1:]), r.dtype)])  # the dropped one
+        return a.at[idx].set(r, mode="drop")
+
+    return jax.tree.map(put, store, bits)
 
 
 # ----------------------------------------------------------------------------- state

@@ -165,6 +165,8 @@ def test_fp8_storage_runs_and_stays_close():
     got, state = run(cfg, cc, params, state, tokens, [11] + [1] * 29, 0, [1, 4])
     assert np.all(np.isfinite(got))
     window = state["layers"][1]["window"]
+    assert window.nope.dtype == jnp.uint8 and window.rope.dtype == jnp.uint16  # bits at rest (kv_cache)
+    window = kvc.logical(window)
     assert window.nope.dtype == jnp.float8_e4m3fn and window.rope.dtype == jnp.bfloat16
     full = full_logits("tiny", tokens)
     cos = (got * full).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(full, axis=-1)
