@@ -105,10 +105,16 @@ def window_mask(q_pos: jax.Array, k_pos: jax.Array, window: int) -> jax.Array:
     return (d >= 0) & (d < window)
 
 
-def attention_sequence(x, positions, p, layer: int, cfg: Config, *, sim_quant: bool = False):
+def attention_sequence(x, positions, p, layer: int, cfg: Config, *, sim_quant: bool = False,
+                       taps: list | None = None):
     """Full-sequence attention for one layer (sequences start at position 0): [B,T,D].
 
     ``x`` [B,T,D] is the normed sub-layer input, ``positions`` i32[B,T].
+
+    ``taps`` (training only, ``dsv4_jax.train``): a CSA layer appends what the indexer's KL
+    loss needs: the indexer scores f32[B,T,C] (computed from stop-gradient inputs, so that
+    loss trains the indexer alone, as in DeepSeek-V3.2), the main queries q [B,T,H,K] and
+    the compressed entries [B,C,K]. Values are unchanged: top-k passes no gradient anyway.
     """
     kind = cfg.attn_kind(layer)
     compressed = kind != "swa"
@@ -128,7 +134,16 @@ def attention_sequence(x, positions, p, layer: int, cfg: Config, *, sim_quant: b
                 ip = p["indexer"]
                 keys = compressor.compress_sequence(x, ip["compressor"], ratio, cfg, indexer=True,
                                                     sim_quant=sim_quant)
-                idx = indexer.indexer_topk(x, c_q, positions, keys, ip, ratio, cfg, sim_quant=sim_quant)
+                if taps is None:
+                    idx = indexer.indexer_topk(x, c_q, positions, keys, ip, ratio, cfg, sim_quant=sim_quant)
+                else:
+                    sg = jax.lax.stop_gradient
+                    keys = compressor.compress_sequence(sg(x), ip["compressor"], ratio, cfg, indexer=True,
+                                                        sim_quant=sim_quant)
+                    qi, wi = indexer.index_queries(sg(x), sg(c_q), positions, ip, cfg, sim_quant=sim_quant)
+                    scores = indexer.index_scores(qi, wi, keys)
+                    idx = indexer.select_topk(scores, positions, ratio, cfg.index_topk)
+                    taps.append({"scores": scores, "q": q, "entries": entries, "ratio": ratio})
             rows = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx)  # [B,T,k,K]
             segments.append(Segment(rows, idx >= 0))
     with jax.named_scope("core"):

@@ -60,18 +60,19 @@ class ModelOptions:
             raise ValueError(f"ModelOptions.kernels: expected 'reference' or 'pallas', got {self.kernels!r}")
 
 
-def block(x, tokens, positions, p, layer: int, cfg: Config, opts: ModelOptions, st=None, meta=None, cc=None):
+def block(x, tokens, positions, p, layer: int, cfg: Config, opts: ModelOptions, st=None, meta=None, cc=None,
+          taps: list | None = None):
     """One decoder block on streams x [B,T,n,D] (§4): mHC(attention) then mHC(MoE).
 
     Without ``st`` the rows are whole sequences from position 0; with the layer's state
     ``st`` (and the step's ``meta``/``cc``) the attention runs incrementally over it.
-    Returns ``(x, new_st)``.
+    ``taps``: see ``attention.attention_sequence`` (training). Returns ``(x, new_st)``.
     """
     sq = opts.sim_quant
 
     def attn_fn(h):
         if st is None:
-            return attention.attention_sequence(h, positions, p["attn"], layer, cfg, sim_quant=sq), None
+            return attention.attention_sequence(h, positions, p["attn"], layer, cfg, sim_quant=sq, taps=taps), None
         return dp_attention.attention_chunk(h, positions, p["attn"], st, meta, layer, cfg, cc, opts.layout,
                                             sim_quant=sq, kernels=opts.kernels)
 
@@ -87,16 +88,17 @@ def block(x, tokens, positions, p, layer: int, cfg: Config, opts: ModelOptions, 
 
 
 def forward_streams(params, tokens, positions, cfg: Config, opts: ModelOptions = ModelOptions(), state=None,
-                    meta: kvc.StepMeta | None = None, cache: kvc.CacheConfig | None = None):
+                    meta: kvc.StepMeta | None = None, cache: kvc.CacheConfig | None = None,
+                    taps: list | None = None):
     """Final residual streams [B,T,n,D] before the HC head (the MTP block's input, §7), and
-    the advanced state (``None`` without one)."""
+    the advanced state (``None`` without one). ``taps``: the indexer-loss hook (training)."""
     h0 = params["embed"]["weight"][tokens]  # [B,T,D]
     x = jnp.broadcast_to(h0[:, :, None, :], (*h0.shape[:2], cfg.hc_mult, h0.shape[-1]))
     new_layers = []
     for i, p in enumerate(params["layers"]):
         st = None if state is None else state["layers"][i]
         with jax.named_scope(f"layer{i}_{cfg.attn_kind(i)}"):
-            x, st = block(x, tokens, positions, p, i, cfg, opts, st, meta, cache)
+            x, st = block(x, tokens, positions, p, i, cfg, opts, st, meta, cache, taps)
         x = constrain(x, ("batch", None, None, "embed"), opts.layout)  # [B,T,n,D] stays split by sequence
         new_layers.append(st)
     return x, (None if state is None else {**state, "layers": new_layers})
@@ -111,18 +113,20 @@ def head_logits(x, hc_params: dict, norm_w, head_w, cfg: Config):
 
 
 def forward(params, tokens, positions, state=None, meta: kvc.StepMeta | None = None, *, cfg: Config,
-            opts: ModelOptions = ModelOptions(), cache: kvc.CacheConfig | None = None, last_only: bool = False):
+            opts: ModelOptions = ModelOptions(), cache: kvc.CacheConfig | None = None, last_only: bool = False,
+            taps: list | None = None):
     """Logits f32[B,T,V] for tokens i32[B,T] at positions i32[B,T], and the new state.
 
     ``state=None``: every row is a whole sequence from position 0 (returns ``None`` state).
     With a state (``kv_cache.init_state``), ``meta`` and ``cache``: each row continues its
     sequence from ``positions[:, 0]`` with ``meta.lengths`` valid tokens (prefill chunk or
     decode step); the state is read, advanced and returned. ``last_only`` returns only the
-    logits of each row's last valid token, f32[B,1,V].
+    logits of each row's last valid token, f32[B,1,V]. ``taps`` (full-sequence path only): a list
+    each CSA layer appends its indexer scores and attention inputs to (``dsv4_jax.train.loss``).
     """
     if (state is None) != (meta is None) or (state is not None and cache is None):
         raise ValueError("forward: pass state, meta and cache together (or none of them)")
-    x, state = forward_streams(params, tokens, positions, cfg, opts, state, meta, cache)
+    x, state = forward_streams(params, tokens, positions, cfg, opts, state, meta, cache, taps)
     if last_only:
         last = (meta.lengths - 1) if meta is not None else jnp.full((x.shape[0],), x.shape[1] - 1)
         x = jnp.take_along_axis(x, jnp.maximum(last, 0)[:, None, None, None], axis=1)

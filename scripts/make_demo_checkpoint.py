@@ -26,10 +26,12 @@ import json
 import os
 import sys
 
+import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dsv4_jax.checkpoint.safetensors_writer import native_tensors, random_value, write_native
 from dsv4_jax.config import Config, YarnScaling
+from dsv4_jax.params import native_names
 
 SEED = 0
 BPE_VOCAB = 1000  # learned entries incl. BOS/EOS; the added tokens follow; config vocab 1024 pads
@@ -92,8 +94,9 @@ Questions are answered, programs are written, stories are told, and mistakes are
 """
 
 
-def train_tokenizer() -> Tokenizer:
-    """Byte-level BPE with BOS id 0, EOS id 1 and the chat markers after the learned vocabulary."""
+def train_tokenizer(lines=None) -> Tokenizer:
+    """Byte-level BPE with BOS id 0, EOS id 1 and the chat markers after the learned vocabulary,
+    learned from ``lines`` (default: ``CORPUS``; ``train_demo.py`` adds its natural text)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -101,7 +104,7 @@ def train_tokenizer() -> Tokenizer:
         vocab_size=BPE_VOCAB, special_tokens=[BOS, EOS], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )  # fmt: skip
-    tok.train_from_iterator(CORPUS.splitlines(), trainer)
+    tok.train_from_iterator(CORPUS.splitlines() if lines is None else lines, trainer)
     tok.add_tokens([AddedToken(c, special=s, normalized=False) for c, s in ADDED])
     return tok
 
@@ -127,12 +130,17 @@ def _dump(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def build(out_dir: str) -> None:
-    cfg = Config(**DEMO)
-    write_native(
-        out_dir, cfg, SHARDS, lambda spec: native_tensors(spec, random_value(spec, cfg, SEED)), EXTRA_CONFIG
-    )
-    tok = train_tokenizer()
+def build(out_dir: str, cfg: Config | None = None, params=None, tok: Tokenizer | None = None) -> None:
+    """Write the demo directory: random weights (``params=None``, seeded per tensor) or the
+    given float param tree (``scripts/train_demo.py``), quantized to the published format."""
+    cfg = cfg or Config(**DEMO)
+    if params is None:
+        values = lambda spec: random_value(spec, cfg, SEED)
+    else:
+        named = native_names(params)
+        values = lambda spec: np.asarray(named[spec.name])
+    write_native(out_dir, cfg, SHARDS, lambda spec: native_tensors(spec, values(spec)), EXTRA_CONFIG)
+    tok = tok or train_tokenizer()
     if tok.get_vocab_size() > cfg.vocab_size:
         raise SystemExit(f"tokenizer has {tok.get_vocab_size()} entries > vocab_size {cfg.vocab_size}")
     tok.save(os.path.join(out_dir, "tokenizer.json"))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.checkpoint import CheckpointError, SafetensorsLoader, convert, load_checkpoint
+from dsv4_jax.checkpoint import CheckpointError, SafetensorsLoader, convert, load_checkpoint, load_tokenizer
 from dsv4_jax.checkpoint.orbax_io import MANIFEST, PARAMS
 from dsv4_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 from dsv4_jax.model import mtp_forward
@@ -254,15 +254,34 @@ def test_convert_script(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_demo_is_what_the_script_builds(tmp_path):
-    """The committed files are byte-identical to a fresh run of scripts/make_demo_checkpoint.py."""
+def test_demo_is_what_the_writer_makes_of_its_trained_weights(tmp_path):
+    """The committed demo holds the weights ``scripts/train_demo.py`` trained: writing them back with
+    ``make_demo_checkpoint.build`` gives the same files (config, index, tokenizer byte for byte; every
+    tensor's value exactly)."""
     make_demo_checkpoint = script("make_demo_checkpoint")
-    make_demo_checkpoint.build(str(tmp_path))
+    cfg, params = load_checkpoint(DEMO, jnp.float32)
+    make_demo_checkpoint.build(
+        str(tmp_path), cfg, jax.tree.map(np.asarray, params), load_tokenizer(DEMO, cfg)
+    )
     committed = sorted(f for f in os.listdir(DEMO) if f != "README.md")
     assert sorted(os.listdir(tmp_path)) == committed
     for name in committed:
-        assert filecmp.cmp(tmp_path / name, os.path.join(DEMO, name), shallow=False), name
+        if not name.endswith(".safetensors"):
+            assert filecmp.cmp(tmp_path / name, os.path.join(DEMO, name), shallow=False), name
+    _, again = load_checkpoint(str(tmp_path), jnp.float32)
+    jax.tree.map(np.testing.assert_array_equal, again, params)
     assert sum(os.path.getsize(os.path.join(DEMO, f)) for f in committed) < 8 << 20
+
+
+def test_random_build_is_deterministic(tmp_path):
+    """Without trained weights the script writes seeded random ones, the same bytes every run."""
+    make_demo_checkpoint = script("make_demo_checkpoint")
+    make_demo_checkpoint.build(str(tmp_path / "a"))
+    make_demo_checkpoint.build(str(tmp_path / "b"))
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == sorted(os.listdir(tmp_path / "b")) and "tokenizer.json" in names
+    for name in names:
+        assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False), name
 
 
 def test_loader_reports_source_bytes():
