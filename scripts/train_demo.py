@@ -7,9 +7,11 @@ Every layer kind of the demo config (``make_demo_checkpoint.DEMO``: SWA, CSA m=4
 top-16 lightning indexer, HCA m=128, window 128) trains on CPU with jax + optax, deterministic
 from ``--seed``. Data (``dsv4_jax.train.data``): natural text from the Python standard library's
 source, and needle samples (one token after " The secret word is", anywhere in the context,
-asked for at the end). The curriculum (``PHASES``) starts with short contexts and a dense
-indexer (top-k = every entry) so the main attention learns to read the needle while the
-indexer learns from it by its KL loss; then top-16 sparse selection at 512-2048 tokens.
+asked for at the end, possibly several times), and repeated random strings (the copy signal
+from which induction heads grow). The curriculum (``PHASES``) starts with short contexts and
+a dense indexer (top-k = every entry) so the main attention learns to read the needle while
+the indexer learns from it by its KL loss; then top-16 sparse selection at 512-1024 tokens.
+docs/NEEDLE.md says how the shipped checkpoint was actually trained (a chain of resumed runs).
 Weights are rounded as stored (FP8 / MXFP4, straight-through), then quantized into the
 published safetensors format with the tokenizer (``make_demo_checkpoint.build``).
 The float params are saved to ``--state`` every ``--save-every`` steps; ``--export STATE``
@@ -48,15 +50,19 @@ class Phase:
     topk: int  # the indexer's top-k while training (the config's 16 when sparse)
     p_needle: float
     max_questions: int = 1  # questions (each answered) after the needle in one sample
+    p_copy: float = 0.0  # share of text rows with a repeated random string (induction signal)
 
 
+# Induction first: rows holding a random string twice at 128 tokens (the copy signal that grows
+# induction heads; without it the demo showed none after 1,700 steps of text + needles), then
+# needles with several answered questions under a dense indexer, then top-16 at 512-1024.
 PHASES = (
-    Phase(250, 4, 256, 64, 0.6),  # dense: every visible CSA entry is attended
-    Phase(500, 2, 512, 16, 0.6),
-    Phase(600, 1, 1024, 16, 0.6),
-    Phase(200, 1, 2048, 16, 0.6),
+    Phase(600, 8, 128, 64, 0.3, 2, 1.0),
+    Phase(600, 4, 256, 64, 0.6, 6, 0.6),
+    Phase(500, 2, 512, 16, 0.6, 6, 0.4),
+    Phase(200, 1, 1024, 16, 0.6, 4, 0.3),
 )
-TINY = (Phase(6, 2, 256, 64, 0.5), Phase(6, 1, 512, 16, 0.5))
+TINY = (Phase(6, 2, 256, 64, 0.5, 2, 0.5), Phase(6, 1, 512, 16, 0.5, 2, 0.5))
 LR, WARMUP, CLIP = 2e-3, 100, 1.0
 
 
@@ -79,7 +85,9 @@ def main(argv=None) -> int:
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--export", metavar="STATE", help="write the checkpoint from a saved state; no training")
     ap.add_argument("--resume", metavar="STATE", help="start from saved params (fresh optimizer)")
-    ap.add_argument("--phases", help="override PHASES: STEPS:BATCH:LENGTH:TOPK:P_NEEDLE:MAX_QUESTIONS,...")
+    ap.add_argument(
+        "--phases", help="override PHASES: STEPS:BATCH:LENGTH:TOPK:P_NEEDLE:MAX_QUESTIONS:P_COPY,..."
+    )
     ap.add_argument("--tiny", action="store_true", help="a few steps of each shape (smoke test)")
     args = ap.parse_args(argv)
 
@@ -97,7 +105,7 @@ def main(argv=None) -> int:
 
     phases = TINY if args.tiny else PHASES
     if args.phases:
-        phases = [Phase(*(t(v) for t, v in zip((int, int, int, int, float, int), ph.split(":"))))
+        phases = [Phase(*(t(v) for t, v in zip((int, int, int, int, float, int, float), ph.split(":"))))
                   for ph in args.phases.split(",")]  # fmt: skip
     total = sum(p.steps for p in phases)
     warm = min(WARMUP, total // 4)
@@ -129,7 +137,7 @@ def main(argv=None) -> int:
         fn = step_fn(ph.topk)
         for _ in range(ph.steps):
             toks, text, ans = data.train_batch(
-                corpus, rng, ph.batch, ph.length, ph.p_needle, ph.max_questions
+                corpus, rng, ph.batch, ph.length, ph.p_needle, ph.max_questions, ph.p_copy
             )
             trainable, opt_state, m = fn(trainable, opt_state, toks, text, ans)
             k += 1

@@ -47,17 +47,19 @@ def stdlib_text() -> str:
     return "\n\n".join(parts)
 
 
-def pick_values(tok: Tokenizer, n: int = NUM_VALUES) -> np.ndarray:
-    """``n`` single-token words (" word", 4+ lowercase letters), evenly spread over the vocab."""
+def pick_values(tok: Tokenizer, ids: np.ndarray, n: int = NUM_VALUES) -> np.ndarray:
+    """The ``n`` single-token words (" word", 3+ ASCII letters) rarest in the text ``ids``:
+    a needle's value then seldom occurs in the haystack too (ties: lower id first)."""
+    counts = np.bincount(ids, minlength=tok.get_vocab_size())
     words = []
-    for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+    for i in range(tok.get_vocab_size()):
         s = tok.decode([i])
-        word = len(s) >= 5 and s[0] == " " and s[1:].isalpha() and s[1:].islower() and s[1:].isascii()
+        word = len(s) >= 4 and s[0] == " " and s[1:].isalpha() and s[1:].isascii()
         if word and tok.encode(s).ids == [i]:
             words.append(i)
     if len(words) < n:
         raise ValueError(f"tokenizer has only {len(words)} single-token words, need {n}")
-    return np.asarray([words[j] for j in np.linspace(0, len(words) - 1, n).round().astype(int)], np.int32)
+    return np.asarray(sorted(sorted(words, key=lambda i: (counts[i], i))[:n]), np.int32)
 
 
 @dataclasses.dataclass
@@ -79,7 +81,7 @@ class Corpus:
         if extra_text:
             train = np.concatenate([np.asarray(tok.encode(extra_text).ids, np.int32), train])
         enc = lambda s: np.asarray(tok.encode(s).ids, np.int32)
-        return cls(train, ids[cut:], enc(NEEDLE), enc(QUESTION), enc("."), pick_values(tok))
+        return cls(train, ids[cut:], enc(NEEDLE), enc(QUESTION), enc("."), pick_values(tok, ids))
 
     def needle_sample(
         self, rng: np.random.RandomState, length: int, depth: float, value: int, split: str = "train"
@@ -109,13 +111,18 @@ def train_batch(
     length: int,
     p_needle: float,
     max_questions: int = 1,
+    p_copy: float = 0.0,
 ):
     """One batch: tokens i32[B,L+1] (inputs [:, :-1], targets [:, 1:]) and two masks f32[B,L]:
     natural-text targets (not the unguessable needle value) and the needle answers.
 
     A needle sample is ``hay N hay Q V hay Q V ... Q V``: the needle N, then 1..``max_questions``
     questions Q each followed by the value V, the last one ending the row; the cuts are uniform,
-    so the needle lands at any distance from each question. Every answer is supervised."""
+    so the needle lands at any distance from each question. Every answer is supervised.
+
+    With probability ``p_copy`` a natural-text row instead holds a random token string twice
+    (16-48 tokens, the second copy 0-200 tokens after the first): the second copy is predictable
+    only by copying, the signal that grows induction heads fast; the first copy is not scored."""
     toks = np.zeros((batch, length + 1), np.int32)
     text = np.ones((batch, length), np.float32)
     answer = np.zeros((batch, length), np.float32)
@@ -142,4 +149,12 @@ def train_batch(
                 answer[b, a - 1] = 1.0
         else:
             toks[b] = corpus.text_sample(rng, length + 1)
+            if rng.random_sample() < p_copy:
+                n = rng.randint(16, 49)
+                i = rng.randint(0, length + 1 - 2 * n)
+                j = min(i + n + rng.randint(0, 201), length + 1 - n)
+                seg = rng.randint(2, int(corpus.values.max()) + 1, size=n)
+                toks[b, i : i + n] = seg
+                toks[b, j : j + n] = seg
+                text[b, max(i - 1, 0) : i + n - 1] = 0.0
     return toks, text, answer

@@ -1,0 +1,72 @@
+"""``scripts/needle.py``: needle-in-a-haystack prompts through the real serving path.
+
+Each prompt goes to ``dsv4_jax.LLM`` twice (cold, then a prefix-cache hit); the report has an
+accuracy per pass, context length and depth. On the bundled demo these check the mechanics
+(prompt construction, the engine path, prefix hits, the random-indexer control), not the
+accuracy: docs/NEEDLE.md has the measured numbers.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4_jax.checkpoint import load_checkpoint, load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "checkpoints", "demo")
+
+
+def _needle():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    spec = importlib.util.spec_from_file_location("needle", os.path.join(ROOT, "scripts", "needle.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_prompts_hide_one_needle_at_each_depth():
+    needle = _needle()
+    tok = load_tokenizer(DEMO)
+    prompts = needle.build_prompts(tok, [512, 1024], [0.0, 1.0], 2, seed=0)
+    assert [(p["length"], p["depth"]) for p in prompts] == [
+        (512, 0.0), (512, 0.0), (512, 1.0), (512, 1.0), (1024, 0.0), (1024, 0.0), (1024, 1.0), (1024, 1.0)
+    ]  # fmt: skip
+    for p in prompts:
+        toks = p["tokens"]
+        assert len(toks) == p["length"]
+        assert toks[p["length"] - 1 - p["distance"]] == p["value"]
+        assert tok.decode(toks[-12:]).endswith("The secret word is")
+    assert prompts[0]["distance"] > 128 > prompts[2]["distance"]
+    assert prompts == needle.build_prompts(tok, [512, 1024], [0.0, 1.0], 2, seed=0)
+
+
+def test_needle_json_through_the_engine_with_prefix_hits(capsys):
+    needle = _needle()
+    argv = ["--lengths", "512", "--depths", "0,1", "--samples", "2", "--runs", "recompute:fp8-fp4", "--json"]
+    assert needle.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    (r,) = report["runs"]
+    assert r["name"] == "recompute:fp8-fp4" and report["indexer"] == "trained"
+    assert r["prefix_hit_tokens"] >= 4 * 256  # each prompt's second pass hits its first block
+    for name in ("cold", "hit"):
+        assert set(r[name]) == {"512"} and set(r[name]["512"]) == {"0.0", "1.0"}
+        assert all(0.0 <= v <= 1.0 for v in r[name]["512"].values())
+    assert r["beyond_window"]["cold"] == r["cold"]["512"]["0.0"]
+
+
+def test_random_indexer_control_redraws_only_the_indexer(tmp_path):
+    needle = _needle()
+    needle.random_indexer_checkpoint(DEMO, str(tmp_path), seed=7)
+    _, a = load_checkpoint(DEMO, jnp.float32)
+    _, b = load_checkpoint(str(tmp_path), jnp.float32)
+    for i, (la, lb) in enumerate(zip(a["layers"], b["layers"])):
+        ia, ib = la["attn"].pop("indexer", None), lb["attn"].pop("indexer", None)
+        assert (ia is None) == (ib is None)
+        if ia is not None:
+            assert not np.array_equal(ia["wq_b"]["weight"], ib["wq_b"]["weight"]), i
+        jax.tree.map(np.testing.assert_array_equal, la, lb)
