@@ -8,7 +8,11 @@ the gate clamped to ≤ limit and the up projection to [−limit, limit]; the ro
 weight scales the hidden activation before ``w2``.
 
 Routed experts run as a grouped matmul: the (token, choice) pairs are sorted by
-expert and fed to ``ragged_dot`` so each expert's weights are read once per step.
+expert and fed to ``ragged_dot`` so each expert's weights are read once per step. With
+no more (token, choice) rows than experts (small-batch decode) each row gathers its own
+expert's weights instead (``_gathered_experts``): ``ragged_dot`` has no grouped kernel on
+XLA:CPU and is lowered as a dense matmul over every expert, masked, which reads all E
+experts and does E times the work; the gather reads only the chosen ones.
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ def routed_experts(x: jax.Array, idx: jax.Array, w: jax.Array, experts: dict, cf
     """
     n, k = idx.shape
     flat = idx.reshape(-1)
+    plain = all(not isinstance(experts[n_]["weight"], QuantizedWeight) for n_ in ("w1", "w3", "w2"))
+    if num_experts is None and plain and n * k <= cfg.n_routed_experts:
+        return _gathered_experts(x, flat, w.reshape(-1), experts, cfg, sim_quant=sim_quant).reshape(n, k, -1).sum(1)
     order = jnp.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
     tok = order // k
     e = cfg.n_routed_experts if num_experts is None else num_experts
@@ -104,6 +111,27 @@ def routed_experts(x: jax.Array, idx: jax.Array, w: jax.Array, experts: dict, cf
     if num_experts is not None:  # rows past the groups (no local expert) are not defined by ragged_dot
         y = jnp.where((jnp.arange(n * k) < jnp.sum(sizes))[:, None], y, 0.0)
     return jnp.zeros((n, x.shape[-1]), F32).at[tok].add(y)
+
+
+def _gathered_experts(x: jax.Array, flat: jax.Array, row_w: jax.Array, experts: dict, cfg: Config,
+                      *, sim_quant: bool) -> jax.Array:
+    """Each (token, choice) row m = token·k + choice through its own expert ``flat[m]``, with
+    the expert's weights gathered: x [N,D], flat i32[M], row_w f32[M] → f32[M,D] (M = N·k).
+    Same math as the ragged path, row by row."""
+    k = flat.shape[0] // x.shape[0]
+    xs = jnp.repeat(x, k, axis=0)  # [M, D], row m is token m // k
+    if sim_quant:
+        xs = ops.fp8_sim(xs, 128)
+
+    def take(name):  # [M, out, in]: the chosen experts' weights in the activation dtype
+        return ops.dense(jnp.take(experts[name]["weight"], flat, axis=0), xs.dtype)
+
+    up = lambda name: jnp.einsum("md,mfd->mf", xs, take(name), preferred_element_type=F32)
+    h = swiglu(up("w1"), up("w3"), cfg.swiglu_limit)
+    h = (h * row_w[:, None]).astype(x.dtype)
+    if sim_quant:
+        h = ops.fp8_sim(h, 128)
+    return jnp.einsum("mf,mdf->md", h, take("w2"), preferred_element_type=F32)
 
 
 def shared_expert(x: jax.Array, p: dict, cfg: Config, *, sim_quant: bool = False) -> jax.Array:
