@@ -131,14 +131,18 @@ def collectives(hlo: str, op: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-_HLO_DTYPES = {"float32": "f32", "bfloat16": "bf16", "uint8": "u8", "int32": "s32", "float8_e4m3fn": "f8e4m3fn"}
+_HLO_DTYPES = {"float32": "f32", "bfloat16": "bf16", "uint8": "u8", "uint16": "u16", "int32": "s32",
+               "float8_e4m3fn": "f8e4m3fn"}
 
 
 def forbidden(tree) -> set[tuple[str, int]]:
     """(HLO dtype, element count) of every leaf: an all-gather producing as many elements of
     the same type as a whole pool or expert stack moves that whole array to each device,
     whatever shape XLA gives it."""
-    return {(_HLO_DTYPES.get(str(x.dtype), str(x.dtype)), int(np.prod(x.shape))) for x in jax.tree.leaves(tree)}
+    leaves = jax.tree.leaves(tree)
+    unknown = {str(x.dtype) for x in leaves} - _HLO_DTYPES.keys()
+    assert not unknown, f"add the HLO names of {unknown} to _HLO_DTYPES (else those leaves go unchecked)"
+    return {(_HLO_DTYPES[str(x.dtype)], int(np.prod(x.shape))) for x in leaves}
 
 
 def gathered(hlo: str) -> set[tuple[str, int]]:
