@@ -47,6 +47,21 @@ def _read_entries(pool, block_table, dec, dtype) -> jax.Array:
     return rows.reshape(rows.shape[0], -1, rows.shape[-1])
 
 
+def _read_picked(pool, block_table, idx, dec, dtype) -> jax.Array:
+    """The entries the indexer picked, and only those: [B,T,k,Dc], zero where idx < 0.
+
+    Reading every entry of the sequence and then picking (``_read_entries``) makes a CSA
+    step's cost grow with the context (all of its 4x-compressed rows each step); gathering
+    the k picked rows by (block, row) reads the same k rows whatever the context (§5.3).
+    """
+    per_block = jax.tree.leaves(pool)[0].shape[1]  # pool leaves: [NB, block_tokens / ratio, ...]
+    safe = jnp.maximum(idx, 0)  # i32[B,T,k] entry index in the sequence
+    blk = jax.vmap(lambda t, i: jnp.take(t, i, mode="clip"))(block_table, safe // per_block)  # i32[B,T,k]
+    flat = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), pool)  # [NB·per_block, ...]: a view
+    rows = dec(kvc.take_rows(flat, blk * per_block + safe % per_block), dtype)  # [B,T,k,Dc]
+    return _zero_missing(rows, idx >= 0)
+
+
 def _zero_missing(rows: jax.Array, exists: jax.Array) -> jax.Array:
     return jnp.where(exists[..., None], rows, jnp.zeros((), rows.dtype))
 
@@ -145,14 +160,13 @@ def _reference_segments(q, kv, st, new, meta, positions, idx, kind, ratio, cfg: 
     segments = window_segments(kv, ring_rows, positions, meta.lengths, cfg.sliding_window, state_start)
     if kind == "swa":
         return segments
+    if kind == "csa":
+        segments.append(Segment(_read_picked(new["cmp"], meta.block_table, idx, kvc.decode_main, dtype), idx >= 0))
+        return segments
     entries = _read_entries(new["cmp"], meta.block_table, kvc.decode_main, dtype)  # [B,C,K]
     n_ent = jnp.arange(entries.shape[1])
     end = positions[:, 0] + meta.lengths
     entries = _zero_missing(entries, n_ent[None, :] < (end // ratio)[:, None])
-    if kind == "hca":
-        visible = (positions + 1) // ratio
-        segments.append(Segment(entries, n_ent[None, None, :] < visible[..., None]))
-    else:
-        rows = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx)  # [B,T,k,K]
-        segments.append(Segment(rows, idx >= 0))
+    visible = (positions + 1) // ratio
+    segments.append(Segment(entries, n_ent[None, None, :] < visible[..., None]))
     return segments
