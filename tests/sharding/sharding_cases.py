@@ -131,7 +131,7 @@ def collectives(hlo: str, op: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-_HLO_DTYPES = {"float32": "f32", "bfloat16": "bf16", "uint8": "u8", "uint16": "u16", "int32": "s32",
+_HLO_DTYPES = {"float32": "f32", "bfloat16": "bf16", "uint8": "u8", "uint16": "u16", "int32": "s32", "bool": "pred",
                "float8_e4m3fn": "f8e4m3fn"}
 
 
