@@ -19,8 +19,14 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test,oracle]"
 	touch $@ $(BASE_STAMP)
 
+# The suite runs as three pytest processes: one process compiling all ~490 tests' programs
+# crashed inside XLA:CPU's compiler near the end of the run (a different test each time, each
+# passing alone), so no process is left to accumulate that much.
+SPLIT := tests/engine tests/kernels tests/server tests/sharding
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests/engine tests/kernels
+	$(PY) -m pytest -q tests/server tests/sharding
+	$(PY) -m pytest -q tests $(addprefix --ignore=,$(SPLIT))
 
 test-slow: $(TEST_STAMP)
 	$(PY) -m pytest -q -m slow tests
