@@ -120,7 +120,7 @@ def attention_chunk(x, positions, p, st: dict, meta: kvc.StepMeta, layer: int, c
             tail = kvc.take_rows(st["tail"], slots)
             ent, tail = compressor.compress_chunk(x, p["compressor"], positions, lengths, tail, ratio, cfg,
                                                   state_start=state_start, sim_quant=sim_quant)
-            new["tail"] = kvc.put_rows(st["tail"], (slots,), tail)
+            new["tail"] = kvc.put_rows(st["tail"], (slots,), _after(tail, ent))
             new["cmp"] = _write_entries(st["cmp"], ent, bt, cc, ratio, lambda r: kvc.encode_main(r, cfg, cc),
                                         cached_until)
         if kind == "csa":
@@ -129,7 +129,7 @@ def attention_chunk(x, positions, p, st: dict, meta: kvc.StepMeta, layer: int, c
                 itail = kvc.take_rows(st["itail"], slots)
                 ient, itail = compressor.compress_chunk(x, ip["compressor"], positions, lengths, itail, ratio, cfg,
                                                         state_start=state_start, indexer=True, sim_quant=sim_quant)
-                new["itail"] = kvc.put_rows(st["itail"], (slots,), itail)
+                new["itail"] = kvc.put_rows(st["itail"], (slots,), _after(itail, ient))
                 new["idx"] = _write_entries(st["idx"], ient, bt, cc, ratio, lambda r: kvc.encode_index(r, cc),
                                             cached_until)
                 qi, wi = indexer.index_queries(x, c_q, positions, ip, cfg, sim_quant=sim_quant)
@@ -148,9 +148,28 @@ def attention_chunk(x, positions, p, st: dict, meta: kvc.StepMeta, layer: int, c
         else:
             o = attention.attend(q, _reference_segments(q, kv, st, new, meta, positions, idx, kind, ratio, cfg,
                                                         state_start), p["attn_sink"])
-    new["window"] = write_window(st["window"], kvc.encode_main(kv, cfg, cc), slots, positions, lengths,
+    out = attention.output_proj(o, p, positions, cfg, compressed, sim_quant=sim_quant)  # [B,T,D]
+    new["window"] = write_window(st["window"], kvc.encode_main(_after(kv, out), cfg, cc), slots, positions, lengths,
                                  cfg.sliding_window)
-    return attention.output_proj(o, p, positions, cfg, compressed, sim_quant=sim_quant), new
+    return out, new
+
+
+def _after(rows, *reads):
+    """``rows`` unchanged (each batch row times exactly one), computed from every element of
+    the same batch row of ``reads`` (leading axis = batch in both).
+
+    The ring and the compressor tails are read (the slot's old rows) and written in the same
+    step. Unless the written rows depend on everything computed from the read, XLA cannot
+    order the reads before the scatter and keeps the old buffer alive by copying the whole
+    store, every slot, every step (twice per leaf on XLA:CPU; on the mid benchmark model a
+    large share of a decode step). An optimization barrier does not order them; a data
+    dependency does. Reducing within each batch row keeps it local when rows are split over
+    devices (the layer output it reads is whole on each tensor shard); ``nan_to_num`` keeps
+    the factor exactly one when a read holds NaN or inf. tests/test_pool_inplace.py checks
+    the compiled step."""
+    z = sum(jnp.sum(jnp.nan_to_num(r.astype(jnp.float32)).reshape(r.shape[0], -1), axis=1)
+            for r in jax.tree.leaves(reads)) * 0.0  # f32[B], zeros  # fmt: skip
+    return jax.tree.map(lambda a: a * (1.0 + z.reshape(-1, *[1] * (a.ndim - 1))).astype(a.dtype), rows)
 
 
 def _reference_segments(q, kv, st, new, meta, positions, idx, kind, ratio, cfg: Config, state_start):

@@ -1,4 +1,5 @@
-"""A decode step updates the paged pools in place: its cost must not grow with the pool.
+"""A decode step updates the paged pools and the slot stores in place: its cost must not grow
+with the pool or the number of slots.
 
 Regression test for the bug in docs/PERF.md "Decode": a scatter into a bf16 / FP8 pool was
 compiled by XLA's CPU backend as convert(pool) → dynamic-update-slice → convert back plus a
@@ -8,6 +9,10 @@ blocks). The check reads the compiled HLO of a donated decode step, as the runne
 * every state leaf is aliased to an output (donation took effect);
 * no instruction of the entry computation produces a whole pool except the in-place updates:
   no ``copy``, no ``convert`` (also inside fusions), nothing but a scatter / dynamic-update-slice.
+
+The same holds for the per-slot stores (SWA rings, compressor tails): they are read (the
+slot's old rows) and written in one step, and XLA copied each whole store twice per step until
+the written rows were made to depend on the reads (``attention_state._after``).
 """
 
 import os
@@ -25,6 +30,7 @@ from dsv4_jax import kv_cache as kvc
 from dsv4_jax.model import forward
 
 NUM_BLOCKS = 37  # an odd size, so no other array of the model has it as its leading dim
+NUM_SLOTS = 11  # likewise for the slot stores
 
 
 def _compiled_decode_step(fmt: str, batch: int) -> tuple[str, int]:
@@ -46,7 +52,7 @@ def _compiled_decode_step(fmt: str, batch: int) -> tuple[str, int]:
 def _compile_here(fmt: str, batch: int) -> tuple[str, int]:
     cfg = preset("tiny")
     params = init_params(cfg, jax.random.PRNGKey(0))
-    cc = kvc.CacheConfig(num_slots=4, num_blocks=NUM_BLOCKS, max_blocks_per_seq=3, block_tokens=32,
+    cc = kvc.CacheConfig(num_slots=NUM_SLOTS, num_blocks=NUM_BLOCKS, max_blocks_per_seq=3, block_tokens=32,
                          fmt=kvc.KVFormat.parse(fmt), dtype=jnp.bfloat16)
     state = jax.eval_shape(lambda: kvc.init_state(cfg, cc))
     step = jax.jit(lambda p, t, q, s, m: forward(p, t, q, s, m, cfg=cfg, cache=cc, last_only=True),
@@ -81,7 +87,7 @@ def test_decode_step_updates_pools_in_place(fmt, batch):
 
     bodies = _fusion_bodies(hlo)
     entry = hlo[hlo.index("\nENTRY"):]
-    pool_shape = re.compile(rf"= \w+\[{NUM_BLOCKS},")
+    pool_shape = re.compile(rf"= \w+\[({NUM_BLOCKS}|{NUM_SLOTS}),")
     bad = []
     for line in entry.splitlines():
         if not pool_shape.search(line) or " parameter(" in line:
@@ -96,4 +102,4 @@ def test_decode_step_updates_pools_in_place(fmt, batch):
             ok = op in ("scatter", "dynamic-update-slice", "bitcast", "tuple", "get-tuple-element")
         if not ok:
             bad.append(line.strip()[:200])
-    assert not bad, "whole-pool ops besides the in-place update:\n" + "\n".join(bad)
+    assert not bad, "whole-pool / whole-store ops besides the in-place update:\n" + "\n".join(bad)

@@ -33,6 +33,7 @@ EVAL_FRACTION = 0.1
 NEEDLE = " The secret word is"
 QUESTION = "\nWhat is the secret word? The secret word is"
 NUM_VALUES = 64
+P_FAR = 0.8  # share of needle rows whose questions keep train_batch's min_gap
 
 
 def stdlib_text() -> str:
@@ -112,13 +113,20 @@ def train_batch(
     p_needle: float,
     max_questions: int = 1,
     p_copy: float = 0.0,
+    min_gap: int = 0,
 ):
-    """One batch: tokens i32[B,L+1] (inputs [:, :-1], targets [:, 1:]) and two masks f32[B,L]:
-    natural-text targets (not the unguessable needle value) and the needle answers.
+    """One batch: tokens i32[B,L+1] (inputs [:, :-1], targets [:, 1:]) and three masks f32[B,L]:
+    natural-text targets (not the unguessable needle value), the needle answers, and the
+    input positions that hold a needle's value (the needle's own, earlier answers': what an
+    answer retrieves; ``loss.retrieval_hint``).
 
     A needle sample is ``hay N hay Q V hay Q V ... Q V``: the needle N, then 1..``max_questions``
-    questions Q each followed by the value V, the last one ending the row; the cuts are uniform,
-    so the needle lands at any distance from each question. Every answer is supervised.
+    questions Q each followed by the value V, the last one ending the row. In a share ``P_FAR``
+    of the needle rows every haystack piece after N holds at least ``min_gap`` tokens (fewer
+    questions are asked when they do not fit; the other rows keep questions inside the window too):
+    with ``min_gap`` > the sliding window, no answer can be copied from N or from an earlier
+    answer through the window, so every answer needs the compressed path (CSA entries picked by
+    the indexer). The rest of each row's haystack is cut uniformly. Every answer is supervised.
 
     With probability ``p_copy`` a natural-text row instead holds a random token string twice
     (16-48 tokens, the second copy 0-200 tokens after the first): the second copy is predictable
@@ -126,27 +134,39 @@ def train_batch(
     toks = np.zeros((batch, length + 1), np.int32)
     text = np.ones((batch, length), np.float32)
     answer = np.zeros((batch, length), np.float32)
+    source = np.zeros((batch, length), np.float32)
     for b in range(batch):
         if rng.random_sample() < p_needle:
             v = int(corpus.values[rng.randint(len(corpus.values))])
-            nq = rng.randint(1, max_questions + 1)
             needle = np.concatenate([corpus.needle, [v], corpus.period]).astype(np.int32)
             qa = np.concatenate([corpus.question, [v]]).astype(np.int32)
+            nq = rng.randint(1, max_questions + 1)
+            gap = min_gap if rng.random_sample() < P_FAR else 0
+            while nq > 1 and length + 1 - len(needle) - nq * (len(qa) + gap) < 0:
+                nq -= 1
             hay_len = length + 1 - len(needle) - nq * len(qa)
+            free = hay_len - nq * gap
+            if free < 0:
+                raise ValueError(f"train_batch: length {length} cannot hold a question {gap} tokens on")
             start = rng.randint(0, len(corpus.train) - hay_len + 1)
             hay = corpus.train[start : start + hay_len]
-            cuts = [0, *sorted(rng.randint(0, hay_len + 1, size=nq)), hay_len]
-            parts, answers = [hay[: cuts[1]], needle], []
-            vi = cuts[1] + len(corpus.needle)
+            cuts = np.diff([0, *sorted(rng.randint(0, free + 1, size=nq)), free])  # nq+1 pieces
+            sizes = cuts + np.asarray([0] + [gap] * nq)
+            edges = np.concatenate([[0], np.cumsum(sizes)])
+            parts, answers = [hay[: edges[1]], needle], []
+            vi = int(edges[1]) + len(corpus.needle)
             for k in range(nq):
-                parts.append(hay[cuts[k + 1] : cuts[k + 2]])
+                parts.append(hay[edges[k + 1] : edges[k + 2]])
                 parts.append(qa)
                 answers.append(sum(len(x) for x in parts) - 1)
             toks[b] = np.concatenate(parts)
             text[b, vi - 1] = 0.0  # the needle's own value follows its marker: noise to predict
+            source[b, vi] = 1.0
             for a in answers:  # target index a-1 predicts token a (= V)
                 text[b, a - 1] = 0.0
                 answer[b, a - 1] = 1.0
+                if a < length:
+                    source[b, a] = 1.0
         else:
             toks[b] = corpus.text_sample(rng, length + 1)
             if rng.random_sample() < p_copy:
@@ -157,4 +177,4 @@ def train_batch(
                 toks[b, i : i + n] = seg
                 toks[b, j : j + n] = seg
                 text[b, max(i - 1, 0) : i + n - 1] = 0.0
-    return toks, text, answer
+    return toks, text, answer, source

@@ -88,14 +88,45 @@ def indexer_kl(tap: dict, positions) -> jax.Array:
     return jnp.sum(jnp.where(has, kl, 0.0)) / jnp.maximum(has.sum(), 1)
 
 
-def make_loss(cfg: Config, frozen, formats, opts: ModelOptions | None = None, kl_weight: float = 1.0):
-    """``loss(trainable, tokens, text_mask, answer_mask) -> (total, metrics)``.
+def retrieval_hint(tap: dict, positions, answer_mask, source_mask) -> jax.Array:
+    """Mean over answer positions of −log(the main attention's mass on the CSA entries that
+    hold the needle's value), the attention taken over the visible compressed entries and
+    averaged over heads.
+
+    An auxiliary loss for the first needle phases only: the answer's cross-entropy alone
+    gives the query→entry match a gradient proportional to the (at first ~1/C) weight the
+    needle's entry already has, and on this machine's budget that plateau did not end (docs/
+    NEEDLE.md). Pointing the attention at the entry makes the value readout learnable at once;
+    the match itself is still computed from content at inference (nothing here runs when
+    serving), and the lightning indexer learns it from the attention by its KL.
+
+    ``source_mask`` f32[B,T]: 1 where the value token sits (the needle's, earlier answers').
+    Entry e of an overlapping CSA compressor covers tokens [ratio·(e−1), ratio·(e+1)).
+    """
+    q, entries, ratio = tap["q"], tap["entries"], tap["ratio"]
+    b, c = entries.shape[0], entries.shape[1]
+    visible = jnp.arange(c)[None, None, :] < ((positions + 1) // ratio)[..., None]  # [B,T,C]
+    logits = jnp.einsum("bthk,bck->bthc", q.astype(F32), entries.astype(F32)) * q.shape[-1] ** -0.5
+    logits = jnp.where(visible[:, :, None, :], logits, -1e30)
+    p = jax.nn.softmax(logits, axis=-1).mean(2)  # [B,T,C]
+    blk = source_mask[:, : c * ratio].reshape(b, c, ratio).max(-1) > 0  # [B,C]
+    holds = blk | jnp.pad(blk[:, :-1], ((0, 0), (1, 0)))  # entry e holds block e or e-1
+    target = visible & holds[:, None, :]
+    mass = jnp.sum(jnp.where(target, p, 0.0), -1)
+    valid = answer_mask * target.any(-1)
+    return -jnp.sum(jnp.log(mass + 1e-9) * valid) / jnp.maximum(valid.sum(), 1.0)
+
+
+def make_loss(cfg: Config, frozen, formats, opts: ModelOptions | None = None, kl_weight: float = 1.0,
+              hint_weight: float = 0.0):
+    """``loss(trainable, tokens, text_mask, answer_mask, source_mask) -> (total, metrics)``.
 
     ``tokens`` i32[B,L+1]; masks f32[B,L] (``data.train_batch``). Total = mean natural-text CE
-    + mean answer CE + ``kl_weight`` · mean indexer KL over the CSA layers.
+    + mean answer CE + ``kl_weight`` · mean indexer KL over the CSA layers + ``hint_weight`` ·
+    the retrieval hint (``retrieval_hint``; 0 switches it off).
     """
 
-    def loss(trainable, tokens, text_mask, answer_mask):
+    def loss(trainable, tokens, text_mask, answer_mask, source_mask):
         params = jax.tree.map(
             lambda w, f: w if w is None else fake_quant(w, f), trainable, formats,
             is_leaf=lambda x: x is None,
@@ -109,8 +140,12 @@ def make_loss(cfg: Config, frozen, formats, opts: ModelOptions | None = None, kl
         lm = jnp.sum(ce * text_mask) / jnp.maximum(text_mask.sum(), 1.0)
         ans = jnp.sum(ce * answer_mask) / jnp.maximum(answer_mask.sum(), 1.0)
         kl = sum((indexer_kl(t, positions) for t in taps), jnp.zeros((), F32)) / max(len(taps), 1)
+        hint = jnp.zeros((), F32)
+        if hint_weight:
+            hint = sum(retrieval_hint(t, positions, answer_mask, source_mask) for t in taps) / max(len(taps), 1)
         hit = jnp.sum((jnp.argmax(logits, -1) == tgt) * answer_mask) / jnp.maximum(answer_mask.sum(), 1.0)
-        return lm + ans + kl_weight * kl, {"lm": lm, "answer": ans, "kl": kl, "answer_acc": hit}
+        total = lm + ans + kl_weight * kl + hint_weight * hint
+        return total, {"lm": lm, "answer": ans, "kl": kl, "hint": hint, "answer_acc": hit}
 
     return loss
 

@@ -69,7 +69,7 @@ def test_indexer_kl_trains_only_the_indexer(tiny):
     toks = jax.random.randint(jax.random.PRNGKey(2), (1, t + 1), 0, cfg.vocab_size)
     zeros = jnp.zeros((1, t))
     # With both CE masks zero only the KL remains: its gradient reaches the indexer alone.
-    g = jax.grad(lambda tr: lf(tr, toks, zeros, zeros)[0])(trainable)
+    g = jax.grad(lambda tr: lf(tr, toks, zeros, zeros, zeros)[0])(trainable)
     layer = _csa_layers(cfg)[0]
     gl = g["layers"][layer]["attn"]
     assert float(optax_norm(gl["indexer"])) > 0
@@ -122,7 +122,74 @@ def test_train_batch_is_deterministic_and_masks_the_answer(corpus):
     b = data.train_batch(c, np.random.RandomState(5), 4, 256, 1.0)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
-    toks, text, answer = a
+    toks, text, answer, source = a
     assert toks.shape == (4, 257) and answer[:, -1].tolist() == [1.0] * 4 and answer[:, :-1].sum() == 0
     assert set(toks[:, -1].tolist()) <= set(c.values.tolist())
     assert (text[:, -1] == 0).all() and (text.sum(1) == 256 - 2).all()
+    # The source mask marks the needle's value (the one answer ends the row, past the inputs).
+    assert (source.sum(1) == 1).all()
+    for b in range(4):
+        assert toks[b, np.argmax(source[b])] == toks[b, -1]
+
+
+def test_train_batch_keeps_questions_beyond_the_window(corpus):
+    c, _ = corpus
+    rng = np.random.RandomState(1)
+    far = rows = 0
+    for _ in range(10):
+        toks, _, answer, source = data.train_batch(c, rng, 4, 512, 1.0, 3, 0.0, 140)
+        for b in range(4):
+            asked = np.nonzero(answer[b])[0] + 1  # token index of each answer
+            src = np.nonzero(source[b])[0]
+            assert (toks[b, asked] == toks[b, src[0]]).all()  # every answer is the needle's value
+            assert list(src) == [src[0], *[a for a in asked if a < 512]]  # earlier answers are sources
+            gaps = np.diff([src[0], *asked])
+            rows += 1
+            far += bool(gaps.min() > 140 + len(c.question))
+    # A share P_FAR of the rows keeps every question min_gap tokens on; the others may not.
+    assert 0.6 * rows <= far < rows
+
+
+def _hint_tap(q_to: int | None):
+    """A CSA tap with C=8 entries of ratio 4 over 32 tokens; the queries equal entry ``q_to``
+    scaled up (all heads), or are random."""
+    rng = np.random.RandomState(0)
+    b, t, h, k, c = 1, 32, 2, 16, 8
+    entries = rng.standard_normal((b, c, k)).astype(np.float32)
+    if q_to is None:
+        q = rng.standard_normal((b, t, h, k)).astype(np.float32)
+    else:
+        q = np.broadcast_to(entries[:, q_to][:, None, None, :] * 8.0, (b, t, h, k)).copy()
+    return {"q": jnp.asarray(q), "entries": jnp.asarray(entries), "ratio": 4, "scores": None}
+
+
+def test_retrieval_hint_rewards_attention_on_the_needles_entries():
+    pos = jnp.arange(32)[None]
+    source = np.zeros((1, 32), np.float32)
+    source[0, 9] = 1.0  # the value sits in block 2: entries 2 and 3 (overlap) hold it
+    answer = np.zeros((1, 32), np.float32)
+    answer[0, 30] = 1.0  # sees entries 0..6
+    on = float(L.retrieval_hint(_hint_tap(3), pos, jnp.asarray(answer), jnp.asarray(source)))
+    off = float(L.retrieval_hint(_hint_tap(5), pos, jnp.asarray(answer), jnp.asarray(source)))
+    rand = float(L.retrieval_hint(_hint_tap(None), pos, jnp.asarray(answer), jnp.asarray(source)))
+    assert on < 0.05 and off > 3.0 and 0.3 < rand < 3.0
+    # An answer that sees no entry holding the value contributes nothing.
+    early = np.zeros((1, 32), np.float32)
+    early[0, 10] = 1.0  # sees entries 0..1 only
+    assert float(L.retrieval_hint(_hint_tap(5), pos, jnp.asarray(early), jnp.asarray(source))) == 0.0
+
+
+def test_retrieval_hint_trains_the_main_attention_not_the_indexer(tiny):
+    cfg, params = tiny
+    trainable, frozen = L.split(params)
+    lf = L.make_loss(cfg, frozen, L.storage_formats(cfg), kl_weight=0.0, hint_weight=1.0)
+    t = 64
+    toks = jax.random.randint(jax.random.PRNGKey(3), (1, t + 1), 0, cfg.vocab_size)
+    zeros = jnp.zeros((1, t))
+    answer = zeros.at[0, t - 1].set(1.0)
+    source = zeros.at[0, 5].set(1.0)
+    (total, m), g = jax.value_and_grad(lambda tr: lf(tr, toks, zeros, answer, source), has_aux=True)(trainable)
+    assert float(m["hint"]) > 0 and float(total) == pytest.approx(float(m["hint"]) + float(m["answer"]), rel=1e-5)
+    attn = g["layers"][_csa_layers(cfg)[0]]["attn"]
+    assert float(optax_norm(attn["wq_b"])) > 0 and float(optax_norm(attn["compressor"])) > 0
+    assert float(optax_norm(attn["indexer"])) == 0.0
