@@ -73,17 +73,24 @@ def fake_quant(w, fmt_block):
     return w + jax.lax.stop_gradient(q - w)
 
 
-def indexer_kl(tap: dict, positions) -> jax.Array:
-    """Mean over queries (that see at least one entry) of KL(p_attention ‖ softmax(indexer scores))."""
-    q, entries, scores, ratio = tap["q"], tap["entries"], tap["scores"], tap["ratio"]
+def _entry_attention(tap: dict, positions) -> tuple[jax.Array, jax.Array]:
+    """(visible bool[B,T,C], the main attention's softmax over the visible compressed entries
+    f32[B,T,H,C]): the same queries and entries the CSA layer used, without the window and sink.
+    A query that sees no entry gets a uniform row; callers mask it out."""
+    q, entries, ratio = tap["q"], tap["entries"], tap["ratio"]
     c = entries.shape[1]
     visible = jnp.arange(c)[None, None, :] < ((positions + 1) // ratio)[..., None]  # [B,T,C]
     logits = jnp.einsum("bthk,bck->bthc", q.astype(F32), entries.astype(F32)) * q.shape[-1] ** -0.5
-    logits = jnp.where(visible[:, :, None, :], logits, -jnp.inf)
+    return visible, jax.nn.softmax(jnp.where(visible[:, :, None, :], logits, -1e30), axis=-1)
+
+
+def indexer_kl(tap: dict, positions) -> jax.Array:
+    """Mean over queries (that see at least one entry) of KL(p_attention ‖ softmax(indexer scores))."""
+    visible, attn = _entry_attention(tap, positions)
     has = visible.any(-1)  # [B,T]
-    p = jax.nn.softmax(jnp.where(has[:, :, None, None], logits, 0.0), axis=-1).sum(2)  # Σ over heads
+    p = attn.sum(2)  # Σ over heads
     p = jax.lax.stop_gradient(p / p.sum(-1, keepdims=True))
-    logq = jax.nn.log_softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    logq = jax.nn.log_softmax(jnp.where(visible, tap["scores"], -jnp.inf), axis=-1)
     kl = jnp.where(visible, p * (jnp.log(jnp.maximum(p, 1e-30)) - jnp.where(visible, logq, 0.0)), 0.0).sum(-1)
     return jnp.sum(jnp.where(has, kl, 0.0)) / jnp.maximum(has.sum(), 1)
 
@@ -103,12 +110,10 @@ def retrieval_hint(tap: dict, positions, answer_mask, source_mask) -> jax.Array:
     ``source_mask`` f32[B,T]: 1 where the value token sits (the needle's, earlier answers').
     Entry e of an overlapping CSA compressor covers tokens [ratio·(e−1), ratio·(e+1)).
     """
-    q, entries, ratio = tap["q"], tap["entries"], tap["ratio"]
-    b, c = entries.shape[0], entries.shape[1]
-    visible = jnp.arange(c)[None, None, :] < ((positions + 1) // ratio)[..., None]  # [B,T,C]
-    logits = jnp.einsum("bthk,bck->bthc", q.astype(F32), entries.astype(F32)) * q.shape[-1] ** -0.5
-    logits = jnp.where(visible[:, :, None, :], logits, -1e30)
-    p = jax.nn.softmax(logits, axis=-1).mean(2)  # [B,T,C]
+    ratio = tap["ratio"]
+    b, c = tap["entries"].shape[:2]
+    visible, attn = _entry_attention(tap, positions)
+    p = attn.mean(2)  # [B,T,C]
     blk = source_mask[:, : c * ratio].reshape(b, c, ratio).max(-1) > 0  # [B,C]
     holds = blk | jnp.pad(blk[:, :-1], ((0, 0), (1, 0)))  # entry e holds block e or e-1
     target = visible & holds[:, None, :]
