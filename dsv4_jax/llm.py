@@ -92,7 +92,7 @@ class LLM:
             block_tokens=config.block_tokens, max_blocks_per_seq=pools.max_blocks_per_seq,
             num_snapshots=pools.num_snapshots, max_batch=config.max_batch,
             max_tokens_per_step=config.max_tokens_per_step, kv_format=config.kv_format,
-            eos_token_id=cfg.eos_token_id, mesh=mesh,
+            eos_token_id=cfg.eos_token_id, mesh=mesh, lookahead=config.decode_lookahead,
         )  # fmt: skip
         self.model_config = cfg
         self.pools: PoolPlan | None = pools

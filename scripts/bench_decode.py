@@ -135,12 +135,12 @@ def _timed(fn) -> float:
 
 
 # ----------------------------------------------------------------------------- ours
-def make_llm(ckpt: str, dtype: str, max_batch: int, max_len: int, tokens_per_step: int):
+def make_llm(ckpt: str, dtype: str, max_batch: int, max_len: int, tokens_per_step: int, lookahead: bool = True):
     from dsv4_jax import LLM
 
     return LLM(ckpt, dtype=dtype, kv_format="bf16", max_batch=max_batch, max_model_len=max_len,
                max_tokens_per_step=tokens_per_step, enable_prefix_cache=False, num_snapshots=0,
-               swa_strategy="recompute")  # fmt: skip
+               swa_strategy="recompute", decode_lookahead=lookahead)  # fmt: skip
 
 
 def run_llm(llm, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -253,6 +253,8 @@ def main(argv=None) -> dict:
                     help="precision the engine holds weights in (both exact for FP8 / MXFP4; on XLA:CPU "
                          "bf16 matmuls are far slower than f32, docs/PERF.md 'Decode')")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF port")
+    ap.add_argument("--no-decode-lookahead", action="store_true",
+                    help="read back each step before dispatching the next (engine/lookahead.py), for comparison")
     ap.add_argument("--agree-f32", action=argparse.BooleanOptionalAction, default=True,
                     help="also check greedy agreement with our engine in float32")
     ap.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -267,7 +269,7 @@ def main(argv=None) -> dict:
     max_b, plen, new = max(batches), args.prompt_len, args.new_tokens
     rng = np.random.RandomState(0)
     t = time.perf_counter()
-    llm = make_llm(ckpt, args.dtype, max_b, plen + new + 1, max_b * plen)
+    llm = make_llm(ckpt, args.dtype, max_b, plen + new + 1, max_b * plen, not args.no_decode_lookahead)
     cfg = llm.model_config
     log(f"loaded {ckpt} in {time.perf_counter() - t:.1f} s")
     prompts = {b: rng.randint(2, cfg.vocab_size, (b, plen)).tolist() for b in batches}
@@ -279,6 +281,7 @@ def main(argv=None) -> dict:
                                                 "head_dim", "n_routed_experts", "num_experts_per_tok",
                                                 "vocab_size", "index_topk", "compress_ratios")},
         "held_dtype": f"{args.dtype} (fp32 for the leaves params.py keeps in fp32)",
+        "decode_lookahead": not args.no_decode_lookahead,
         "loadavg_start": os.getloadavg(), "weight_bytes": wb, "bandwidth_GBps": bw / 1e9, "prompt_len": plen, "new_tokens": new, "batches": {},
     }  # fmt: skip
     log(f"active weight bytes/token (batch 1): {bytes_per_step(wb, cfg, 1) / 1e6:.1f} MB; "
@@ -321,7 +324,7 @@ def main(argv=None) -> dict:
         del model, params32
         if args.agree_f32:
             b = batches[0]
-            llm32 = make_llm(ckpt, "float32", b, plen + new + 1, b * plen)
+            llm32 = make_llm(ckpt, "float32", b, plen + new + 1, b * plen, not args.no_decode_lookahead)
             ours32 = run_llm(llm32, prompts[b], min(new, hf_new))
             res["agreement_f32_vs_hf"] = agreement(ours32["tokens"][0], res[f"hf_tokens_b{b}"])
             del llm32

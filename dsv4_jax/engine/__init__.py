@@ -9,6 +9,7 @@ except ``model_runner.py``, which this package does not import (``LLM`` does, la
 * ``detokenizer``   incremental detokenization, stop strings
 * ``llm_engine``    add_request / step / abort; stop conditions; stats()
 * ``profiles``      EngineConfig, the named endpoint profiles, pool sizing, CLI flags
+* ``lookahead``     which decode step the runner may dispatch before the engine asks for it
 """
 
 from dsv4_jax.engine.llm_engine import LLMEngine, RequestOutput

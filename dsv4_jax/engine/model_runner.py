@@ -17,6 +17,12 @@ not recompile; ``compilations`` counts traces so a test can check that.
 Host-side metadata (tokens, positions, slots, block tables, lengths, sampling arrays) is
 built as numpy arrays and goes to the device once per call.
 
+Decode lookahead (``lookahead=True``, ``lookahead.py``): before reading back a step's
+tokens, ``execute`` dispatches the next decode step of the same sequences with those tokens
+still on device, so the device runs it while the host reads back, post-processes and
+schedules. The next ``execute`` uses its rows for every decode work that is exactly the
+continuation it assumed; other works run as usual.
+
 On a mesh (``mesh=``, e.g. ``mesh.parse_mesh("data=1,expert=8,tensor=1")``) the params,
 state, snapshots and penalty tables are laid out by the rules table and each step's rows
 are ordered by sequence shard (``runner_layout.RunnerLayout``); the model runs with
@@ -35,6 +41,7 @@ import numpy as np
 from dsv4_jax import dp_attention, sampling
 from dsv4_jax import kv_cache as kvc
 from dsv4_jax.config import Config
+from dsv4_jax.engine.lookahead import Lookahead, continuation, match
 from dsv4_jax.engine.runner_api import RunnerLimits, SampleOut, SamplingParams, SeqWork, StepPlan
 from dsv4_jax.kv_accounting import kv_bytes
 from dsv4_jax.model import ModelOptions, forward
@@ -58,7 +65,7 @@ class JaxModelRunner:
                  max_blocks_per_seq: int, num_snapshots: int, max_batch: int, max_tokens_per_step: int,
                  kv_format: str = "bf16", eos_token_id: int | None = None, opts: ModelOptions = ModelOptions(),
                  dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None,
-                 rules: Mapping = DEFAULT_RULES):
+                 rules: Mapping = DEFAULT_RULES, lookahead: bool = True):
         layout = None if mesh is None else Layout.create(mesh, rules)
         opts = dataclasses.replace(opts, layout=layout)
         self.cfg, self.opts = cfg, opts
@@ -82,7 +89,13 @@ class JaxModelRunner:
         self.prompt_mask = self.placement.init_table(bool)
         self._counted: dict[int, int] = {}  # seq_id -> last position whose token is in the tables
         self.compilations = 0
+        self.lookahead = lookahead
+        self._ahead: Lookahead | None = None  # the dispatched next decode step, if any
+        self.lookahead_used = 0  # decode works answered by a lookahead step
+        self.lookahead_wasted = 0  # lookahead rows no later work used
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 2, 3), static_argnames=("num_logprobs",))
+        # i32[b,1]: the sampled token of row take[i] of a step where mine[i], else base[i] (one dispatch)
+        self._pick = jax.jit(lambda sampled, take, mine, base: jnp.where(mine[:, None], sampled[take][:, None], base))
         self._restore, self._save = self.placement.restore_fn, self.placement.save_fn
         self._mark = self.placement.table_fn(sampling.update_counts)
         self._reset = self.placement.table_fn(sampling.reset_rows)
@@ -121,18 +134,27 @@ class JaxModelRunner:
             raise ValueError(f"step plan has {len(works)} sequences; max_batch is {self.limits.max_batch}")
         if sum(len(w.tokens) for w in works) > self.limits.max_tokens_per_step:
             raise ValueError(f"step plan exceeds max_tokens_per_step={self.limits.max_tokens_per_step}")
-        for w in works:
+        ahead, self._ahead = self._ahead, None
+        used, rest = match(ahead, works)
+        if ahead is not None:
+            self.lookahead_used += len(used)
+            self.lookahead_wasted += len(ahead.works) - len(used)
+        for w in rest:
             if w.restore_snapshot is not None:
                 self.state = self._restore(self.state, jnp.int32(w.slot), self.snapshots,
                                            jnp.int32(w.restore_snapshot))
-        self._update_penalty_tables(works)
+        self._update_penalty_tables(rest)
         results = []
-        for group in ([w for w in works if len(w.tokens) == 1], [w for w in works if len(w.tokens) > 1]):
+        if used:
+            results.append((used, ([ahead.rows[w.seq_id] for w in used], ahead.res)))
+        for group in ([w for w in rest if len(w.tokens) == 1], [w for w in rest if len(w.tokens) > 1]):
             if group:
                 results.append((group, self._run_group(group)))
-        for w in works:
+        for w in rest:
             if w.save_snapshot is not None:
                 self.snapshots = self._save(self.snapshots, jnp.int32(w.save_snapshot), self.state, jnp.int32(w.slot))
+        if self.lookahead:
+            self._ahead = self._dispatch_ahead(results)
         out: dict[int, SampleOut] = {}
         for group, (rows, res) in results:
             res = jax.device_get(res)  # one transfer per group
@@ -147,9 +169,37 @@ class JaxModelRunner:
                     top_logprobs=[(int(t), float(p)) for t, p in zip(res.top_ids[i, :n], res.top_logprobs[i, :n])]
                     if n else ([] if n == 0 else None),
                 )
+        if self._ahead is not None:
+            self._ahead.expect({sid: o.token for sid, o in out.items()})
         return out
 
-    def _run_group(self, group: list[SeqWork]):
+    def _dispatch_ahead(self, results) -> Lookahead | None:
+        """Dispatch the decode step that continues this step's decode works (``lookahead.
+        continuation`` says which qualify), fed by their sampled tokens where they lie, on device."""
+        bt = self.limits.block_tokens
+        src = [(w, rows_res[1], row) for group, rows_res in results
+               for w, row in zip(group, rows_res[0]) if len(w.tokens) == 1]
+        nxt = [(continuation(w, bt), res, row) for w, res, row in src]
+        nxt = [(c, res, row) for c, res, row in nxt if c is not None]
+        if not nxt:
+            return None
+        works = [c for c, _, _ in nxt]
+        rows, b = self.placement.arrange(works, self.limits.max_batch)
+        tokens = np.zeros((b, 1), np.int32)
+        for res in {id(r): r for _, r, _ in nxt}.values():  # usually one source step
+            take = np.zeros(b, np.int32)
+            mine = np.zeros(b, bool)
+            for i, (_, r, row) in zip(rows, nxt):
+                if r is res:
+                    take[i], mine[i] = row, True
+            tokens = self._pick(res.tokens, take, mine, tokens)
+        res = self._run_group(works, tokens_on_device=tokens)[1]
+        return Lookahead(works, dict(zip((w.seq_id for w in works), rows)), res)
+
+    def _run_group(self, group: list[SeqWork], tokens_on_device=None):
+        """Dispatch one jitted step for ``group`` (all T = 1, or prefill chunks); returns the rows
+        and the sampled results (on device). ``tokens_on_device`` i32[b,1] replaces the works'
+        tokens (a lookahead step's inputs, sampled by the step before)."""
         rows, b = self.placement.arrange(group, self.limits.max_batch)  # row of each work, batch size
         t = 1 if all(len(w.tokens) == 1 for w in group) else _pow2(max(len(w.tokens) for w in group), 8)
         mb = self.cc.max_blocks_per_seq
@@ -177,6 +227,8 @@ class JaxModelRunner:
         sa = sampling.sampling_arrays(params, seeds, index, pad_to=b)
         num_logprobs = SamplingParams.MAX_LOGPROBS if any(w.sampling.logprobs for w in group) else 0
         meta = kvc.StepMeta(slots, table, lengths, state_start, cached_until)
+        if tokens_on_device is not None:
+            tokens = tokens_on_device
         tokens, positions, meta, sa, sample_mask = self.placement.put_batch((tokens, positions, meta, sa, sample_mask))
         res, self.state, self.counts, self.prompt_mask = self._step(
             self.params, self.state, self.counts, self.prompt_mask, tokens, positions, meta, sa, sample_mask,

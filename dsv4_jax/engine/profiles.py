@@ -37,6 +37,7 @@ class EngineConfig:
     num_blocks: int | None = None  # pool blocks; None: from kv_cache_bytes, else slots × max blocks per seq
     kv_cache_bytes: int | None = None  # device bytes for blocks + slots + snapshots together
     seed: int = 0  # draws the seeds of requests that gave none
+    decode_lookahead: bool = True  # dispatch the next decode step before reading back this one (lookahead.py)
 
     def __post_init__(self):
         def bad(field, why):
@@ -196,6 +197,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     ):
         g.add_argument(f"--{name}", type=typ, default=None)
     g.add_argument("--no-prefix-cache", action="store_true")  # fmt: skip
+    g.add_argument("--no-decode-lookahead", action="store_true",
+                   help="read back each step's tokens before dispatching the next (engine/lookahead.py)")
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -214,4 +217,6 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "no_prefix_cache", False):
         overrides["enable_prefix_cache"] = False
+    if getattr(args, "no_decode_lookahead", False):
+        overrides["decode_lookahead"] = False
     return make_config(args.profile, args.swa_strategy, **overrides)
