@@ -28,10 +28,49 @@ class Segment(NamedTuple):
 
     ``keys``: [B,S,K] shared by the sequence's queries, or [B,T,k,K] per query.
     ``mask``: bool[B,T,S] or bool[B,T,k] respectively.
+    ``band`` > 0 (``window_segment``): ``keys`` [B,T,K] are the queries' own rows and query
+    t sees only the 2·band rows of its block of ``band`` rows and the block before;
+    ``mask`` bool[B,T,2·band] says which of those. Logits cost T·2·band, not T².
     """
 
     keys: jax.Array
     mask: jax.Array
+    band: int = 0
+
+
+def _blocked(x: jax.Array, band: int, front: int = 0, fill=0) -> jax.Array:
+    """[B,T,...] → [B,nb,band,...]: T padded at the end to nb·band (and ``front`` blocks before)."""
+    t = x.shape[1]
+    nb = -(-t // band)
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (front * band, nb * band - t)
+    x = jnp.pad(x, pad, constant_values=fill)
+    return x.reshape(x.shape[0], nb + front, band, *x.shape[2:])
+
+
+def _band_rows(x: jax.Array, band: int, fill=0) -> jax.Array:
+    """[B,T,...] → [B,nb,2·band,...]: for each block of queries, the rows of the block before it
+    (fill before the first) then its own."""
+    xb = _blocked(x, band, front=1, fill=fill)
+    return jnp.concatenate([xb[:, :-1], xb[:, 1:]], axis=2)
+
+
+def window_segment(kv: jax.Array, positions: jax.Array, window: int) -> Segment:
+    """The sliding-window segment of a full-sequence forward over its own rows ``kv`` [B,T,K].
+
+    Short sequences take the dense [B,T,T] mask. Past 4 windows the keys are read in bands
+    (``Segment.band`` = window): the window of a query in block j lies in blocks j−1 and j, so
+    logits cost T·2·window instead of T², which is what lets training run at 8K+ tokens.
+    Positions must be consecutive along T (a sequence from its first token), as here.
+    """
+    t = kv.shape[1]
+    if t <= 4 * window:
+        return Segment(kv, window_mask(positions, positions, window))
+    qpos = _blocked(positions, window, fill=-1)  # i32[B,nb,W]
+    kpos = _band_rows(positions, window, fill=-(2**30))  # i32[B,nb,2W]
+    d = qpos[..., None] - kpos[:, :, None, :]
+    mask = (d >= 0) & (d < window)  # [B,nb,W,2W]
+    return Segment(kv, mask.reshape(kv.shape[0], -1, 2 * window)[:, :t], window)
 
 
 def attend(q: jax.Array, segments: list[Segment], sink: jax.Array) -> jax.Array:
@@ -43,7 +82,12 @@ def attend(q: jax.Array, segments: list[Segment], sink: jax.Array) -> jax.Array:
     scale = q.shape[-1] ** -0.5
     logits, values = [], []
     for seg in segments:
-        if seg.keys.ndim == 3:  # shared keys [B,S,K]
+        if seg.band:  # the queries' own rows, read in bands
+            qb = _blocked(q, seg.band)  # [B,nb,W,H,K]
+            s = jnp.einsum("bnwhk,bnsk->bnwhs", qb, _band_rows(seg.keys.astype(q.dtype), seg.band),
+                           preferred_element_type=F32)
+            s = s.reshape(s.shape[0], -1, *s.shape[3:])[:, : q.shape[1]]  # [B,T,H,2W]
+        elif seg.keys.ndim == 3:  # shared keys [B,S,K]
             s = jnp.einsum("bthk,bsk->bths", q, seg.keys.astype(q.dtype), preferred_element_type=F32)
         else:  # per-query keys [B,T,k,K]
             s = jnp.einsum("bthk,btjk->bthj", q, seg.keys.astype(q.dtype), preferred_element_type=F32)
@@ -57,7 +101,11 @@ def attend(q: jax.Array, segments: list[Segment], sink: jax.Array) -> jax.Array:
     for seg, v in zip(segments, values):
         n = seg.mask.shape[-1]
         pr = probs[..., start : start + n]
-        if v.ndim == 3:
+        if seg.band:
+            o = jnp.einsum("bnwhs,bnsk->bnwhk", _blocked(pr, seg.band), _band_rows(v.astype(F32), seg.band),
+                           preferred_element_type=F32)
+            out = out + o.reshape(o.shape[0], -1, *o.shape[3:])[:, : q.shape[1]]
+        elif v.ndim == 3:
             out = out + jnp.einsum("bths,bsk->bthk", pr, v.astype(F32), preferred_element_type=F32)
         else:
             out = out + jnp.einsum("bthj,btjk->bthk", pr, v.astype(F32), preferred_element_type=F32)
@@ -120,7 +168,7 @@ def attention_sequence(x, positions, p, layer: int, cfg: Config, *, sim_quant: b
     compressed = kind != "swa"
     c_q, q = project_q(x, p, positions, cfg, compressed, sim_quant=sim_quant)
     kv = project_kv(x, p, positions, cfg, compressed, sim_quant=sim_quant)
-    segments = [Segment(kv, window_mask(positions, positions, cfg.sliding_window))]
+    segments = [window_segment(kv, positions, cfg.sliding_window)]
     if compressed:
         ratio = cfg.compress_ratio(layer)
         with jax.named_scope("compressor"):
