@@ -20,8 +20,9 @@ built as numpy arrays and goes to the device once per call.
 Decode lookahead (``lookahead=True``, ``lookahead.py``): before reading back a step's
 tokens, ``execute`` dispatches the next decode step of the same sequences with those tokens
 still on device, so the device runs it while the host reads back, post-processes and
-schedules. The next ``execute`` uses its rows for every decode work that is exactly the
-continuation it assumed; other works run as usual.
+schedules. A later ``execute`` takes a row for the decode work that is exactly the
+continuation it assumed; other works run as usual. ``ahead.used`` / ``ahead.dropped`` count
+rows taken and rows whose sequence ended first.
 
 On a mesh (``mesh=``, e.g. ``mesh.parse_mesh("data=1,expert=8,tensor=1")``) the params,
 state, snapshots and penalty tables are laid out by the rules table and each step's rows
@@ -41,7 +42,7 @@ import numpy as np
 from dsv4_jax import dp_attention, sampling
 from dsv4_jax import kv_cache as kvc
 from dsv4_jax.config import Config
-from dsv4_jax.engine.lookahead import Lookahead, continuation, match
+from dsv4_jax.engine.lookahead import Lookahead, continuation
 from dsv4_jax.engine.runner_api import RunnerLimits, SampleOut, SamplingParams, SeqWork, StepPlan
 from dsv4_jax.kv_accounting import kv_bytes
 from dsv4_jax.model import ModelOptions, forward
@@ -90,9 +91,7 @@ class JaxModelRunner:
         self._counted: dict[int, int] = {}  # seq_id -> last position whose token is in the tables
         self.compilations = 0
         self.lookahead = lookahead
-        self._ahead: Lookahead | None = None  # the dispatched next decode step, if any
-        self.lookahead_used = 0  # decode works answered by a lookahead step
-        self.lookahead_wasted = 0  # lookahead rows no later work used
+        self.ahead = Lookahead()  # dispatched lookahead rows not taken yet (and used / dropped counts)
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 2, 3), static_argnames=("num_logprobs",))
         # i32[b,1]: the sampled token of row take[i] of a step where mine[i], else base[i] (one dispatch)
         self._pick = jax.jit(lambda sampled, take, mine, base: jnp.where(mine[:, None], sampled[take][:, None], base))
@@ -134,27 +133,24 @@ class JaxModelRunner:
             raise ValueError(f"step plan has {len(works)} sequences; max_batch is {self.limits.max_batch}")
         if sum(len(w.tokens) for w in works) > self.limits.max_tokens_per_step:
             raise ValueError(f"step plan exceeds max_tokens_per_step={self.limits.max_tokens_per_step}")
-        ahead, self._ahead = self._ahead, None
-        used, rest = match(ahead, works)
-        if ahead is not None:
-            self.lookahead_used += len(used)
-            self.lookahead_wasted += len(ahead.works) - len(used)
+        used, rest = self.ahead.take(works)
         for w in rest:
             if w.restore_snapshot is not None:
                 self.state = self._restore(self.state, jnp.int32(w.slot), self.snapshots,
                                            jnp.int32(w.restore_snapshot))
         self._update_penalty_tables(rest)
         results = []
-        if used:
-            results.append((used, ([ahead.rows[w.seq_id] for w in used], ahead.res)))
+        for res in {id(p.res): p.res for _, p in used}.values():  # rows computed by earlier lookahead steps
+            mine = [(w, p.row) for w, p in used if p.res is res]
+            results.append(([w for w, _ in mine], ([r for _, r in mine], res)))
         for group in ([w for w in rest if len(w.tokens) == 1], [w for w in rest if len(w.tokens) > 1]):
             if group:
                 results.append((group, self._run_group(group)))
-        for w in rest:
+        for w in works:  # after every row of the slot is written (a lookahead row: by an earlier step)
             if w.save_snapshot is not None:
                 self.snapshots = self._save(self.snapshots, jnp.int32(w.save_snapshot), self.state, jnp.int32(w.slot))
         if self.lookahead:
-            self._ahead = self._dispatch_ahead(results)
+            self._dispatch_ahead(results)
         out: dict[int, SampleOut] = {}
         for group, (rows, res) in results:
             res = jax.device_get(res)  # one transfer per group
@@ -169,11 +165,10 @@ class JaxModelRunner:
                     top_logprobs=[(int(t), float(p)) for t, p in zip(res.top_ids[i, :n], res.top_logprobs[i, :n])]
                     if n else ([] if n == 0 else None),
                 )
-        if self._ahead is not None:
-            self._ahead.expect({sid: o.token for sid, o in out.items()})
+        self.ahead.expect({sid: o.token for sid, o in out.items()})
         return out
 
-    def _dispatch_ahead(self, results) -> Lookahead | None:
+    def _dispatch_ahead(self, results) -> None:
         """Dispatch the decode step that continues this step's decode works (``lookahead.
         continuation`` says which qualify), fed by their sampled tokens where they lie, on device."""
         bt = self.limits.block_tokens
@@ -182,7 +177,7 @@ class JaxModelRunner:
         nxt = [(continuation(w, bt), res, row) for w, res, row in src]
         nxt = [(c, res, row) for c, res, row in nxt if c is not None]
         if not nxt:
-            return None
+            return
         works = [c for c, _, _ in nxt]
         rows, b = self.placement.arrange(works, self.limits.max_batch)
         tokens = np.zeros((b, 1), np.int32)
@@ -194,7 +189,7 @@ class JaxModelRunner:
                     take[i], mine[i] = row, True
             tokens = self._pick(res.tokens, take, mine, tokens)
         res = self._run_group(works, tokens_on_device=tokens)[1]
-        return Lookahead(works, dict(zip((w.seq_id for w in works), rows)), res)
+        self.ahead.add(works, rows, res)
 
     def _run_group(self, group: list[SeqWork], tokens_on_device=None):
         """Dispatch one jitted step for ``group`` (all T = 1, or prefill chunks); returns the rows
@@ -271,8 +266,9 @@ class JaxModelRunner:
                                                        arr[2].astype(bool), valid)
 
     def forget(self, seq_id: int) -> None:
-        """Drop host bookkeeping of a finished or aborted sequence."""
+        """Drop host bookkeeping of a finished or aborted sequence (and its lookahead row)."""
         self._counted.pop(seq_id, None)
+        self.ahead.drop(seq_id)
 
     @property
     def state_bytes(self) -> int:

@@ -118,7 +118,7 @@ def test_llm_init_loads_the_checkpoint_and_builds_the_runner_from_the_profile(mo
 
     class StandIn(FakeRunner):  # the JaxModelRunner constructor signature, with fake execution
         def __init__(self, cfg, params, *, num_slots, num_blocks, block_tokens, max_blocks_per_seq, num_snapshots,
-                     max_batch, max_tokens_per_step, kv_format, eos_token_id, mesh):  # fmt: skip
+                     max_batch, max_tokens_per_step, kv_format, eos_token_id, mesh, lookahead):  # fmt: skip
             built.update(locals(), cfg=cfg)
             super().__init__(make_limits(
                 num_slots=num_slots, num_blocks=num_blocks, block_tokens=block_tokens,
@@ -134,7 +134,7 @@ def test_llm_init_loads_the_checkpoint_and_builds_the_runner_from_the_profile(mo
     assert (built["block_tokens"], built["max_tokens_per_step"], built["max_batch"]) == (128, 2048, 8)
     assert (built["num_blocks"], built["num_slots"], built["kv_format"]) == (96, 8, "bf16")
     assert built["max_blocks_per_seq"] == 32768 // 128 and built["eos_token_id"] == cfg.eos_token_id
-    assert built["mesh"] is None
+    assert built["mesh"] is None and built["lookahead"] is True  # EngineConfig.decode_lookahead
     assert llm.engine.config.swa_strategy == "checkpoint" and llm.engine.max_model_len == 32768
     assert llm.pools.bytes_per_block > 0 and llm.pools.num_snapshots == 512
     out = llm.generate("Hello", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
@@ -143,6 +143,8 @@ def test_llm_init_loads_the_checkpoint_and_builds_the_runner_from_the_profile(mo
         llm.generate([5] * 32768)
     with pytest.raises(ValueError, match="multiple of compress ratio 128"):
         LLM(str(DEMO), profile="chat", block_tokens=64)
+    LLM(str(DEMO), profile="chat", num_blocks=96, decode_lookahead=False)
+    assert built["lookahead"] is False
 
 
 def test_profiles_and_overrides():

@@ -5,11 +5,13 @@ waste it, and run a wasted position again: the sampled tokens must be identical.
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from test_model_runner import demo, make_runner
 
-from dsv4_jax.engine.lookahead import Lookahead, continuation, match
+from dsv4_jax.engine.lookahead import Lookahead, continuation
 from dsv4_jax.engine.runner_api import SamplingParams, SeqWork, StepPlan
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
@@ -28,41 +30,59 @@ def test_continuation_only_where_the_lookahead_is_harmless():
     assert continuation(_work(start=254), 128) is not None
     assert continuation(_work(sample_index=63), 128) is None  # samples its 64th = max_tokens-th token
     assert continuation(_work(sample_index=62), 128) is not None
-    for bad in (dict(sample=False), dict(tokens=[1, 2]), dict(save_snapshot=0), dict(restore_snapshot=1),
-                dict(fresh=True), dict(state_start=4), dict(cached_until=4), dict(prior_tokens=[1]),
+    assert continuation(_work(save_snapshot=0), 128).save_snapshot is None  # saved before the lookahead runs
+    for bad in (dict(sample=False), dict(tokens=[1, 2]), dict(restore_snapshot=1), dict(fresh=True),
+                dict(state_start=4), dict(cached_until=4), dict(prior_tokens=[1]),
                 dict(sampling=SamplingParams(repetition_penalty=1.2)), dict(sampling=SamplingParams(presence_penalty=0.5)),
                 dict(sampling=SamplingParams(frequency_penalty=0.5))):
         assert continuation(_work(**bad), 128) is None, bad
 
 
-def test_match_needs_the_sampled_token_and_the_same_work():
-    ahead = Lookahead([continuation(_work(), 128), continuation(_work(seq_id=8, slot=2, block_ids=[5]), 128)],
-                      {7: 0, 8: 1}, res=None)
-    nxt = _work(tokens=[42], start=101, sample_index=6)
-    assert match(ahead, [nxt]) == ([], [nxt])  # input token not read back yet
+def _pending():
+    ahead = Lookahead()
+    ahead.add([continuation(_work(), 128), continuation(_work(seq_id=8, slot=2, block_ids=[5]), 128)], [0, 1], None)
     ahead.expect({7: 42, 8: 43})
+    return ahead, _work(tokens=[42], start=101, sample_index=6)
+
+
+def test_a_pending_row_answers_its_sequences_next_decode():
+    ahead, nxt = _pending()
     other = _work(seq_id=9, slot=3)
-    used, rest = match(ahead, [other, nxt, dataclasses.replace(nxt, seq_id=8, slot=2, block_ids=[5], tokens=[1])])
-    assert [w.seq_id for w in used] == [7] and [w.seq_id for w in rest] == [9, 8]  # 8: another token
-    assert match(ahead, [dataclasses.replace(nxt, block_ids=[3, 4, 6])])[0]  # a block added after: fine
-    for bad in (dict(block_ids=[3, 6]), dict(start=102), dict(sample_index=7), dict(seed=1), dict(slot=0),
-                dict(sampling=SamplingParams(temperature=0.5)), dict(save_snapshot=1)):
-        assert match(ahead, [dataclasses.replace(nxt, **bad)])[0] == [], bad
-    assert match(None, [nxt]) == ([], [nxt])
+    used, rest = ahead.take([other])  # seq 7 and 8 sit this step out: their rows stay pending
+    assert used == [] and rest == [other] and set(ahead.pending) == {7, 8}
+    used, rest = ahead.take([nxt, dataclasses.replace(nxt, seq_id=8, slot=2, block_ids=[5, 6], tokens=[43],
+                                                      save_snapshot=3)])
+    assert [(w.seq_id, p.row) for w, p in used] == [(7, 0), (8, 1)] and rest == []  # a block added, a snapshot: fine
+    assert ahead.used == 2 and ahead.pending == {}
 
 
-def _drive(runner, schedule, prompts):
-    """Run ``schedule``: per step, the sequences that decode (all prefill at step 0)."""
+def test_a_pending_row_is_never_computed_twice():
+    for bad in (dict(tokens=[5]), dict(block_ids=[3, 6]), dict(sample_index=7), dict(seed=1), dict(slot=0),
+                dict(sampling=SamplingParams(temperature=0.5)), dict(start=100)):
+        ahead, nxt = _pending()
+        with pytest.raises(RuntimeError, match="would compute position"):
+            ahead.take([dataclasses.replace(nxt, **bad)])
+    ahead, nxt = _pending()
+    fresh = dataclasses.replace(nxt, tokens=list(range(9)), start=0, fresh=True)  # preempted, back from scratch
+    assert ahead.take([fresh]) == ([], [fresh]) and 7 not in ahead.pending and ahead.dropped == 1
+    ahead.drop(8)  # finished or aborted (runner.forget)
+    assert ahead.pending == {} and ahead.dropped == 2
+
+
+def _drive(runner, schedule, prompts, saves):
+    """Run ``schedule``: per step, the sequences that decode (all prefill at step 0);
+    ``saves`` {step: {seq: snapshot}}: decodes that also save an SWA snapshot."""
     seqs = {i: dict(slot=i, blocks=[2 * i, 2 * i + 1], toks=list(p), n=0) for i, p in enumerate(prompts)}
     sampling = {0: GREEDY, 1: SamplingParams(temperature=1.0, seed=3), 2: GREEDY}
     plan = [SeqWork(seq_id=i, slot=s["slot"], block_ids=s["blocks"], tokens=list(s["toks"]), start=0, sample=True,
                     sampling=sampling[i], seed=5, prompt_len=len(s["toks"]), fresh=True) for i, s in seqs.items()]
     got = []
-    for step in [None, *schedule]:
+    for k, step in enumerate([None, *schedule]):
         if step is not None:
             plan = [SeqWork(seq_id=i, slot=seqs[i]["slot"], block_ids=seqs[i]["blocks"], tokens=seqs[i]["toks"][-1:],
                             start=len(seqs[i]["toks"]) - 1, sample=True, sampling=sampling[i], seed=5,
-                            sample_index=seqs[i]["n"], prompt_len=len(prompts[i])) for i in step]
+                            sample_index=seqs[i]["n"], prompt_len=len(prompts[i]),
+                            save_snapshot=saves.get(k - 1, {}).get(i)) for i in step]
         out = runner.execute(StepPlan(plan))
         for i, o in sorted(out.items()):
             seqs[i]["toks"].append(o.token)
@@ -75,12 +95,22 @@ def test_runner_with_lookahead_samples_what_it_samples_without():
     cfg, _ = demo()
     rng = np.random.RandomState(4)
     prompts = [rng.randint(2, cfg.vocab_size, n) for n in (30, 61, 125)]
-    # seq 2 reaches position 127 (the last of its first block... it has two) and keeps going;
-    # seq 1 skips a step (its lookahead is wasted, then that position runs again); seq 0 stops.
+    # seq 1 sits out step 2 (its lookahead row waits for it); seq 0 stops after step 4 (its row is
+    # never taken); seq 2's third decode (position 127, the end of its first block) also saves a
+    # snapshot, as the `full` strategy does, and crosses into its second block.
     schedule = [(0, 1, 2), (0, 1, 2), (0, 2), (1, 2), (0, 1, 2), (1, 2), (1, 2), (2,), (1, 2)]
+    saves = {2: {2: 1}}
     on = make_runner(dtype=jnp.float32)
     off = make_runner(dtype=jnp.float32, lookahead=False)
-    want = _drive(off, schedule, prompts)
-    got = _drive(on, schedule, prompts)
+    want = _drive(off, schedule, prompts, saves)
+    got = _drive(on, schedule, prompts, saves)
     assert got == want
-    assert off.lookahead_used == 0 and on.lookahead_used >= 10 and on.lookahead_wasted >= 3
+    assert off.ahead.used == 0 and on.ahead.used >= 15 and 0 in on.ahead.pending
+    for a, b in zip(jax.tree.leaves(on.snapshots), jax.tree.leaves(off.snapshots)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(a[1], b[1])
+    assert any(np.asarray(x)[1].any() for x in jax.tree.leaves(on.snapshots))  # snapshot 1 was written
