@@ -8,11 +8,19 @@ the gate clamped to ≤ limit and the up projection to [−limit, limit]; the ro
 weight scales the hidden activation before ``w2``.
 
 Routed experts run as a grouped matmul: the (token, choice) pairs are sorted by
-expert and fed to ``ragged_dot`` so each expert's weights are read once per step. With
-no more (token, choice) rows than experts (small-batch decode) each row gathers its own
-expert's weights instead (``_gathered_experts``): ``ragged_dot`` has no grouped kernel on
-XLA:CPU and is lowered as a dense matmul over every expert, masked, which reads all E
-experts and does E times the work; the gather reads only the chosen ones.
+expert and fed to ``ragged_dot`` so each expert's weights are read once per step. That is
+the GPU path. ``ragged_dot`` has no grouped kernel on XLA:CPU (it is lowered as a dense
+matmul over every expert, masked: E times the work), so on CPU:
+
+* with no more (token, choice) rows than experts (small-batch decode) each row runs its own
+  expert: ``_switched_experts`` (a ``lax.switch`` branch per expert, reading the expert in
+  place) when the runner holds the experts split (``split_experts``), else
+  ``_gathered_experts`` (the row's expert weights gathered, which XLA:CPU copies);
+* with more rows, every expert runs on every token and the gate weight (zero where the
+  expert was not chosen) scales its output (``_all_experts``): E/k times the ideal work,
+  k times less than the masked ``ragged_dot``.
+
+docs/PERF.md "MoE at small batch" has the measurements behind each choice.
 """
 
 from __future__ import annotations
@@ -80,9 +88,15 @@ def routed_experts(x: jax.Array, idx: jax.Array, w: jax.Array, experts: dict, cf
     """
     n, k = idx.shape
     flat = idx.reshape(-1)
+    if is_split(experts):
+        if n * k <= cfg.n_routed_experts:
+            return _switched_experts(x, flat, w.reshape(-1), experts, cfg, sim_quant=sim_quant).reshape(n, k, -1).sum(1)
+        return _all_experts(x, idx, w, experts, cfg, sim_quant=sim_quant)
     plain = all(not isinstance(experts[n_]["weight"], QuantizedWeight) for n_ in ("w1", "w3", "w2"))
     if num_experts is None and plain and n * k <= cfg.n_routed_experts:
         return _gathered_experts(x, flat, w.reshape(-1), experts, cfg, sim_quant=sim_quant).reshape(n, k, -1).sum(1)
+    if num_experts is None and plain and jax.default_backend() == "cpu":
+        return _all_experts(x, idx, w, experts, cfg, sim_quant=sim_quant)
     order = jnp.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
     tok = order // k
     e = cfg.n_routed_experts if num_experts is None else num_experts
@@ -134,6 +148,93 @@ def _gathered_experts(x: jax.Array, flat: jax.Array, row_w: jax.Array, experts: 
     if sim_quant:
         h = ops.fp8_sim(h, 128)
     return jnp.einsum("mf,mdf->md", h, take("w2"), preferred_element_type=F32)
+
+
+def split_experts(params):
+    """``params`` with each dense routed-expert stack ``[E, out, in]`` held as a tuple of E
+    arrays ``[out, in]`` (packed weights stay stacked).
+
+    Why: a decode row that takes its expert out of a stack reads a copy on XLA:CPU (the
+    gather, or a slice, is materialised before the dot: each chosen expert is read, written
+    and read again), while a ``lax.switch`` branch over separate arrays reads it in place
+    (``_switched_experts``). The runner holds experts this way on CPU without a mesh
+    (``RunnerLayout.place_params``); with expert parallelism, and on GPUs, they stay stacked.
+    """
+
+    def split(experts: dict) -> dict:
+        out = {}
+        for name, lin in experts.items():
+            wt = lin["weight"]
+            dense = not isinstance(wt, (QuantizedWeight, tuple))
+            out[name] = {**lin, "weight": tuple(wt[e] for e in range(wt.shape[0]))} if dense else lin
+        return out
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {key: split(v) if key == "experts" else walk(v) for key, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(params)
+
+
+def is_split(experts: dict) -> bool:
+    """Whether ``experts`` is held one array per expert (``split_experts``)."""
+    return isinstance(experts["w1"]["weight"], tuple)
+
+
+def _switched_experts(x: jax.Array, flat: jax.Array, row_w: jax.Array, experts: dict, cfg: Config,
+                      *, sim_quant: bool) -> jax.Array:
+    """``_gathered_experts`` for experts held split: each row m runs branch ``flat[m]`` of a
+    ``lax.switch`` whose branches close over one expert's arrays, so the dots read the
+    chosen expert where it lies (rows one after another, ``lax.map``): f32[M,D]."""
+    k = flat.shape[0] // x.shape[0]
+    xs = jnp.repeat(x, k, axis=0)  # [M, D], row m is token m // k
+    if sim_quant:
+        xs = ops.fp8_sim(xs, 128)
+    w1, w3, w2 = (experts[name]["weight"] for name in ("w1", "w3", "w2"))
+
+    def branch(e: int):
+        def run(xr, rw):  # [1, D], f32[] -> f32[1, D]
+            up = lambda w: jnp.einsum("md,fd->mf", xr, ops.dense(w[e], xr.dtype), preferred_element_type=F32)
+            h = (swiglu(up(w1), up(w3), cfg.swiglu_limit) * rw).astype(x.dtype)
+            if sim_quant:
+                h = ops.fp8_sim(h, 128)
+            return jnp.einsum("mf,df->md", h, ops.dense(w2[e], h.dtype), preferred_element_type=F32)
+
+        return run
+
+    branches = [branch(e) for e in range(len(w1))]
+    rows = jax.lax.map(lambda a: jax.lax.switch(a[0], branches, a[1][None], a[2])[0], (flat, xs, row_w))
+    return rows  # f32[M, D]
+
+
+def _all_experts(x: jax.Array, idx: jax.Array, w: jax.Array, experts: dict, cfg: Config,
+                 *, sim_quant: bool) -> jax.Array:
+    """Every expert on every token, its output scaled by the token's gate weight for it (zero
+    where not chosen; summed where a hash row repeats an expert): x [N,D] → f32[N,D].
+    Each expert's weights are read once, as in the grouped matmul, for E·N rows of work
+    instead of k·N; on CPU that beats the masked ``ragged_dot`` (E·k·N)."""
+    n, e = x.shape[0], cfg.n_routed_experts
+    gates = jnp.zeros((n, e), F32).at[jnp.arange(n)[:, None], idx].add(w)  # f32[N, E]
+    xs = ops.fp8_sim(x, 128) if sim_quant else x
+    w1, w3, w2 = (experts[name]["weight"] for name in ("w1", "w3", "w2"))
+
+    def hidden(h, g):  # f32[..., N, F] · f32[..., N, 1] -> the activation dtype
+        h = (h * g).astype(x.dtype)
+        return ops.fp8_sim(h, 128) if sim_quant else h
+
+    if not is_split(experts):  # one einsum over the stack: [E, N, F]
+        up = lambda wt: jnp.einsum("nd,efd->enf", xs, ops.dense(wt, xs.dtype), preferred_element_type=F32)
+        h = hidden(swiglu(up(w1), up(w3), cfg.swiglu_limit), gates.T[:, :, None])
+        return jnp.einsum("enf,edf->nd", h, ops.dense(w2, h.dtype), preferred_element_type=F32)
+    out = jnp.zeros((n, x.shape[-1]), F32)
+    for j in range(e):  # expert by expert, each array read in place
+        up = lambda wt: jnp.einsum("nd,fd->nf", xs, ops.dense(wt[j], xs.dtype), preferred_element_type=F32)
+        h = hidden(swiglu(up(w1), up(w3), cfg.swiglu_limit), gates[:, j : j + 1])
+        out = out + jnp.einsum("nf,df->nd", h, ops.dense(w2[j], h.dtype), preferred_element_type=F32)
+    return out
 
 
 def shared_expert(x: jax.Array, p: dict, cfg: Config, *, sim_quant: bool = False) -> jax.Array:

@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax import dp_attention
+from dsv4_jax import dp_attention, moe
 from dsv4_jax import kv_cache as kvc
 from dsv4_jax.config import Config
 from dsv4_jax.mesh import validate_for
@@ -50,8 +50,11 @@ class RunnerLayout:
 
     # ------------------------------------------------------------------ placement
     def place_params(self, params):
+        """The params on the mesh by the rules table. Without a mesh on XLA:CPU the routed
+        experts are held one array per expert (``moe.split_experts``: a decode row then reads
+        its expert in place, not a gathered copy)."""
         if self.layout is None:
-            return params
+            return moe.split_experts(params) if jax.default_backend() == "cpu" else params
         return jax.device_put(params, self.layout.param_shardings(params, self.cfg))
 
     def _alloc(self, make, shardings_of):

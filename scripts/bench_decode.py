@@ -219,8 +219,13 @@ def held_is_exact(held, params32) -> dict:
     power-of-two scale fit bf16's 7 mantissa bits and its f32 exponent range."""
     import jax
 
+    from dsv4_jax import moe
+
     held = {k: v for k, v in held.items() if k != "mtp"}
-    pairs = zip(jax.tree.leaves(held), jax.tree.leaves(params32))
+    params32 = {k: v for k, v in params32.items() if k != "mtp"}
+    if jax.tree.structure(held) != jax.tree.structure(params32):  # experts held split (moe.split_experts)
+        params32 = moe.split_experts(params32)
+    pairs = zip(jax.tree.leaves(held), jax.tree.leaves(params32), strict=True)
     bad = sum(int(not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))) for a, b in pairs)
     return {"leaves": len(jax.tree.leaves(params32)), "leaves_differing": bad}
 

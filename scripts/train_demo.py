@@ -11,8 +11,9 @@ several times, each question at least ``min_gap`` tokens past the needle), and r
 strings (the copy signal from which induction heads grow). The curriculum (``PHASES``) starts
 with short contexts and a dense indexer (top-k = every entry) so the main attention learns to
 read the needle, helped by the retrieval hint (``loss.retrieval_hint``), while the indexer
-learns from it by its KL loss; then the configured top-16 sparse selection at 1-2K tokens.
-docs/NEEDLE.md says how the shipped checkpoint was trained and what it measures.
+learns from it by its KL loss; then the configured top-16 sparse selection at 1-2K tokens, and
+at 4K and 8K (each restarting the learning rate). The default run is the shipped checkpoint:
+1,970 steps, ~48 min on 2 CPU cores. docs/NEEDLE.md says how it trains and what it measures.
 Weights are rounded as stored (FP8 / MXFP4, straight-through), then quantized into the
 published safetensors format with the tokenizer (``make_demo_checkpoint.build``).
 The float params are saved to ``--state`` every ``--save-every`` steps; ``--export STATE``
@@ -54,21 +55,42 @@ class Phase:
     p_copy: float = 0.0  # share of text rows with a repeated random string (induction signal)
     min_gap: int = 0  # haystack tokens at least between the needle and each question (data.train_batch)
     hint: float = 0.0  # weight of the retrieval hint (loss.retrieval_hint); 0 = off
+    lr: float = 0.0  # > 0: the learning rate restarts here (warmup to lr, cosine to lr/10); 0 = continue
 
 
 # Text, copy strings (the induction signal) and needles from the start, the retrieval hint on:
 # the CSA attention is pointed at the needle's entries while the answers learn to read them.
 # Then every question at least 140 tokens past the needle (beyond the 128-token window, so
 # only the compressed path can answer) under a dense indexer; then the configured top-16
-# sparse selection at 1-2K tokens, the indexer having learned the attention by its KL.
+# sparse selection at 1-2K tokens, the indexer having learned the attention by its KL; then
+# 4K and 8K tokens, each with a fresh warmup to a lower rate, so the attention reads entries
+# further back than it saw at 2K (docs/NEEDLE.md: without them the 8K-16K needles fail).
 PHASES = (
-    Phase(700, 8, 256, 64, 0.3, 2, 0.8, 0, 1.0),
-    Phase(1300, 4, 512, 128, 0.7, 3, 0.3, 140, 1.0),
-    Phase(700, 2, 1024, 16, 0.7, 4, 0.2, 140, 0.5),
-    Phase(250, 1, 2048, 16, 0.8, 4, 0.2, 140, 0.5),
+    Phase(500, 8, 256, 64, 0.3, 2, 0.8, 0, 1.0),
+    Phase(700, 4, 512, 128, 0.7, 3, 0.3, 140, 1.0),
+    Phase(350, 2, 1024, 16, 0.7, 4, 0.2, 140, 0.5),
+    Phase(150, 1, 2048, 16, 0.8, 4, 0.2, 140, 0.5),
+    Phase(150, 1, 4096, 16, 0.8, 4, 0.1, 140, 0.5, 5e-4),
+    Phase(120, 1, 8192, 16, 0.8, 4, 0.1, 140, 0.5, 5e-4),
 )
 TINY = (Phase(6, 2, 256, 64, 0.5, 2, 0.5, 0, 1.0), Phase(6, 1, 512, 16, 0.5, 2, 0.5, 140, 0.5))
 LR, WARMUP, CLIP = 2e-3, 100, 1.0
+
+
+def schedule(phases, lr: float):
+    """Warmup then cosine to a tenth, over each run of phases that starts with a rate (the first
+    at ``lr`` unless it names its own), so a late long-context phase can restart the rate as a
+    resumed run would, within one deterministic command."""
+    segs, bounds, k = [], [], 0
+    for i, ph in enumerate(phases):
+        if i == 0 or ph.lr > 0:
+            if i:
+                bounds.append(k)
+            segs.append([ph.lr or lr, 0])
+        segs[-1][1] += ph.steps
+        k += ph.steps
+    fns = [optax.warmup_cosine_decay_schedule(0.0, peak, min(WARMUP, n // 4), n, peak * 0.1) for peak, n in segs]
+    return optax.join_schedules(fns, bounds) if bounds else fns[0]
 
 
 def corpus_and_tokenizer():
@@ -91,7 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--export", metavar="STATE", help="write the checkpoint from a saved state; no training")
     ap.add_argument("--resume", metavar="STATE", help="start from saved params (fresh optimizer)")
     ap.add_argument(
-        "--phases", help="override PHASES: STEPS:BATCH:LENGTH:TOPK:P_NEEDLE:MAX_QUESTIONS:P_COPY[:MIN_GAP[:HINT]],..."
+        "--phases",
+        help="override PHASES: STEPS:BATCH:LENGTH:TOPK:P_NEEDLE:MAX_QUESTIONS:P_COPY[:MIN_GAP[:HINT[:LR]]],...",
     )
     ap.add_argument("--lr", type=float, default=LR, help="peak learning rate (warmup, then cosine to a tenth)")
     ap.add_argument("--tiny", action="store_true", help="a few steps of each shape (smoke test)")
@@ -111,11 +134,10 @@ def main(argv=None) -> int:
 
     phases = TINY if args.tiny else PHASES
     if args.phases:
-        phases = [Phase(*(t(v) for t, v in zip((int, int, int, int, float, int, float, int, float), ph.split(":"))))
-                  for ph in args.phases.split(",")]  # fmt: skip
+        types = (int, int, int, int, float, int, float, int, float, float)
+        phases = [Phase(*(t(v) for t, v in zip(types, ph.split(":")))) for ph in args.phases.split(",")]
     total = sum(p.steps for p in phases)
-    warm = min(WARMUP, total // 4)
-    sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, warm, total, args.lr * 0.1)
+    sched = schedule(phases, args.lr)
     opt = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=0.0))
     trainable, frozen = L.split(params)
     opt_state = opt.init(trainable)

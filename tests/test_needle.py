@@ -67,22 +67,28 @@ def test_needle_json_through_the_engine_with_prefix_hits(capsys):
 FAR = ["--lengths", "1024,2048", "--depths", "0,0.5", "--samples", "5", "--batch", "10", "--json"]
 
 
-def _far_accuracy(capsys, *extra) -> dict:
+def _far_run(capsys, *extra) -> dict:
     assert _needle().main(FAR + list(extra)) == 0
     (r,) = json.loads(capsys.readouterr().out)["runs"]
     for p in ("cold", "hit"):  # every length and depth was measured
         assert {n: sorted(d) for n, d in r[p].items()} == {"1024": ["0.0", "0.5"], "2048": ["0.0", "0.5"]}, r[p]
-    return r["beyond_window"]
+    return r
 
 
 def test_trained_demo_retrieves_beyond_the_window(capsys):
-    acc = _far_accuracy(capsys, "--runs", "checkpoint:fp8")
+    acc = _far_run(capsys, "--runs", "checkpoint:fp8")["beyond_window"]
     assert acc["cold"] >= 0.95 and acc["hit"] >= 0.95, acc
 
 
 def test_random_indexer_control_loses_the_needle(capsys):
-    acc = _far_accuracy(capsys, "--runs", "checkpoint:fp8", "--indexer", "random")
-    assert acc["cold"] <= 0.5 and acc["hit"] <= 0.5, acc
+    """The same prompts with a random indexer fail the bar above by a margin (measured 0.60 of
+    20). A needle in the very first tokens (depth 0) stays partly reachable at 1-2K without the
+    indexer's picks (docs/NEEDLE.md: 9 of 10 here); from the middle (depth 0.5) it is not."""
+    r = _far_run(capsys, "--runs", "checkpoint:fp8", "--indexer", "random")
+    for p in ("cold", "hit"):
+        assert r["beyond_window"][p] <= 0.75, r["beyond_window"]
+        middle = (r[p]["1024"]["0.5"] + r[p]["2048"]["0.5"]) / 2
+        assert middle <= 0.5, r[p]
 
 
 def test_random_indexer_control_redraws_only_the_indexer(tmp_path):

@@ -38,3 +38,16 @@ def test_tiny_run_logs_trains_and_exports(tmp_path):
     assert td.main(["--export", str(state), "--out", str(again)]) == 0
     for name in sorted(os.listdir(out)):
         assert filecmp.cmp(out / name, again / name, shallow=False), name
+
+
+def test_schedule_restarts_the_rate_where_a_phase_names_one():
+    td = _script()
+    phases = [td.Phase(100, 1, 256, 16, 0.5), td.Phase(100, 1, 512, 16, 0.5), td.Phase(40, 1, 1024, 16, 0.5, lr=5e-4)]
+    s = lambda k: float(td.schedule(phases, 2e-3)(k))
+    assert s(0) == 0.0 and abs(s(50) - 2e-3) < 1e-8  # warmup over min(100, 200 // 4) steps
+    assert abs(s(199) - 2e-4) < 1e-6  # cosine to a tenth by the end of the first run of phases
+    assert s(200) == 0.0 and abs(s(210) - 5e-4) < 1e-8  # the third phase warms up again to its rate
+    assert abs(s(239) - 5e-5) < 3e-6
+    assert abs(float(td.schedule(phases[:2], 1e-3)(50)) - 1e-3) < 1e-8  # no restart: one schedule
+    # The default curriculum (the shipped checkpoint) ends with restarts at 4K and 8K tokens.
+    assert [(p.length, p.lr) for p in td.PHASES[-2:]] == [(4096, 5e-4), (8192, 5e-4)]
