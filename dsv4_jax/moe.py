@@ -195,19 +195,11 @@ def _switched_experts(x: jax.Array, flat: jax.Array, row_w: jax.Array, experts: 
         xs = ops.fp8_sim(xs, 128)
     w1, w3, w2 = (experts[name]["weight"] for name in ("w1", "w3", "w2"))
 
-    def branch(e: int):
-        def run(xr, rw):  # [1, D], f32[] -> f32[1, D]
-            up = lambda w: jnp.einsum("md,fd->mf", xr, ops.dense(w[e], xr.dtype), preferred_element_type=F32)
-            h = (swiglu(up(w1), up(w3), cfg.swiglu_limit) * rw).astype(x.dtype)
-            if sim_quant:
-                h = ops.fp8_sim(h, 128)
-            return jnp.einsum("mf,df->md", h, ops.dense(w2[e], h.dtype), preferred_element_type=F32)
-
-        return run
+    def branch(e: int):  # [1, D], f32[] -> f32[1, D]
+        return lambda xr, rw: _one_expert(xr, w1[e], w3[e], w2[e], rw, cfg, x.dtype, sim_quant)
 
     branches = [branch(e) for e in range(len(w1))]
-    rows = jax.lax.map(lambda a: jax.lax.switch(a[0], branches, a[1][None], a[2])[0], (flat, xs, row_w))
-    return rows  # f32[M, D]
+    return jax.lax.map(lambda a: jax.lax.switch(a[0], branches, a[1][None], a[2])[0], (flat, xs, row_w))  # f32[M, D]
 
 
 def _all_experts(x: jax.Array, idx: jax.Array, w: jax.Array, experts: dict, cfg: Config,
@@ -221,20 +213,26 @@ def _all_experts(x: jax.Array, idx: jax.Array, w: jax.Array, experts: dict, cfg:
     xs = ops.fp8_sim(x, 128) if sim_quant else x
     w1, w3, w2 = (experts[name]["weight"] for name in ("w1", "w3", "w2"))
 
-    def hidden(h, g):  # f32[..., N, F] · f32[..., N, 1] -> the activation dtype
-        h = (h * g).astype(x.dtype)
-        return ops.fp8_sim(h, 128) if sim_quant else h
-
     if not is_split(experts):  # one einsum over the stack: [E, N, F]
         up = lambda wt: jnp.einsum("nd,efd->enf", xs, ops.dense(wt, xs.dtype), preferred_element_type=F32)
-        h = hidden(swiglu(up(w1), up(w3), cfg.swiglu_limit), gates.T[:, :, None])
+        h = (swiglu(up(w1), up(w3), cfg.swiglu_limit) * gates.T[:, :, None]).astype(x.dtype)
+        if sim_quant:
+            h = ops.fp8_sim(h, 128)
         return jnp.einsum("enf,edf->nd", h, ops.dense(w2, h.dtype), preferred_element_type=F32)
     out = jnp.zeros((n, x.shape[-1]), F32)
     for j in range(e):  # expert by expert, each array read in place
-        up = lambda wt: jnp.einsum("nd,fd->nf", xs, ops.dense(wt[j], xs.dtype), preferred_element_type=F32)
-        h = hidden(swiglu(up(w1), up(w3), cfg.swiglu_limit), gates[:, j : j + 1])
-        out = out + jnp.einsum("nf,df->nd", h, ops.dense(w2[j], h.dtype), preferred_element_type=F32)
+        out = out + _one_expert(xs, w1[j], w3[j], w2[j], gates[:, j : j + 1], cfg, x.dtype, sim_quant)
     return out
+
+
+def _one_expert(xs: jax.Array, w1, w3, w2, gate: jax.Array, cfg: Config, dtype, sim_quant: bool) -> jax.Array:
+    """One expert held as its own arrays on rows xs [N,D], the SwiGLU output scaled by ``gate``
+    f32[N,1] (or a scalar) before ``w2``, as every routed path does: f32[N,D]."""
+    up = lambda w: jnp.einsum("nd,fd->nf", xs, ops.dense(w, xs.dtype), preferred_element_type=F32)
+    h = (swiglu(up(w1), up(w3), cfg.swiglu_limit) * gate).astype(dtype)
+    if sim_quant:
+        h = ops.fp8_sim(h, 128)
+    return jnp.einsum("nf,df->nd", h, ops.dense(w2, h.dtype), preferred_element_type=F32)
 
 
 def shared_expert(x: jax.Array, p: dict, cfg: Config, *, sim_quant: bool = False) -> jax.Array:
