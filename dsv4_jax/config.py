@@ -116,6 +116,14 @@ class Config:
         return self.n_shared_experts * self.moe_intermediate_size
 
     @property
+    def qat_trained(self) -> bool:
+        """Whether the checkpoint is in the published QAT-trained format (FP8 block-scaled
+        linears): DeepSeek trained those weights with FP8 KV rows and FP4 indexer keys in the
+        forward (§2, §11.2), so serving applies the same rounding by default (``LLM(qat=None)``).
+        A checkpoint of plain BF16 / FP32 weights (e.g. saved by the HF port) was not."""
+        return self.weight_dtype == "fp8"
+
+    @property
     def hc_dim(self) -> int:
         """Width of the mHC projection output: pre (n) + post (n) + comb (n*n), §4."""
         return (2 + self.hc_mult) * self.hc_mult

@@ -57,11 +57,16 @@ def collapse(x: jax.Array, pre: jax.Array) -> jax.Array:
 
 
 def expand(x: jax.Array, z: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
-    """``X'_k = post_k·z + Σ_j C[j,k]·X_j``: the new stream k sums over C's *row* index (§4.7)."""
-    dt = x.dtype
-    mixed = jnp.einsum("...jk,...jd->...kd", comb.astype(dt), x, preferred_element_type=F32)
-    out = post.astype(dt)[..., None].astype(F32) * z[..., None, :].astype(F32) + mixed
-    return out.astype(dt)
+    """``X'_k = post_k·z + Σ_j C[j,k]·X_j``: the new stream k sums over C's *row* index (§4.7).
+
+    ``post`` and ``comb`` stay fp32 and the mix runs in fp32, cast to the stream dtype once at
+    the end, as the reference's ``hc_post`` does. Rounding them to bf16 first (what the HF port
+    does) perturbs every stream of every layer by a second bf16 rounding: docs/PERF.md
+    "bf16 numerics" measures it.
+    """
+    mixed = jnp.einsum("...jk,...jd->...kd", comb.astype(F32), x.astype(F32), preferred_element_type=F32)
+    out = post.astype(F32)[..., None] * z[..., None, :].astype(F32) + mixed  # f32[B,T,n,D]
+    return out.astype(x.dtype)
 
 
 def hc_sublayer(x: jax.Array, layer_params: dict, prefix: str, norm_weight, f, cfg: Config):

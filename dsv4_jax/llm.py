@@ -25,7 +25,7 @@ import numbers
 from collections.abc import Iterator, Sequence
 
 from dsv4_jax.engine.llm_engine import LLMEngine
-from dsv4_jax.engine.profiles import PoolPlan, make_config, plan_pools
+from dsv4_jax.engine.profiles import PoolPlan, make_config, plan_pools, resolve_kv_format
 from dsv4_jax.engine.request import RequestMetrics
 from dsv4_jax.engine.runner_api import SamplingParams
 
@@ -61,21 +61,38 @@ def _is_token_list(p) -> bool:
 
 
 class LLM:
+    """Load a checkpoint and serve it in process.
+
+    Numerics (docs/SERVING.md "Numerics modes"): ``qat=None`` applies the reference's QAT
+    rounding (FP8 KV rows, Hadamard + FP4 indexer keys, FP8 activations before FP8/FP4 GEMMs)
+    when the checkpoint is in the published QAT-trained format, as DeepSeek's
+    ``inference/model.py`` does; ``qat=False`` runs the HF port's unquantized math. The KV
+    storage format (``kv_format``, an engine argument) defaults to what is lossless in that
+    mode: ``fp8-fp4`` with QAT, ``bf16`` without; an FP8 format with ``qat=False`` is refused
+    unless ``allow_lossy_kv=True``.
+    """
+
     def __init__(self, checkpoint_dir: str, profile: str | None = None, swa_strategy: str | None = None, *,
-                 dtype: str = "bfloat16", mesh=None, **engine_args):  # fmt: skip
+                 dtype: str = "bfloat16", qat: bool | None = None, allow_lossy_kv: bool = False, mesh=None,
+                 **engine_args):  # fmt: skip
         import jax.numpy as jnp  # the device side; the engine itself stays host-only
 
         from dsv4_jax.checkpoint import load_checkpoint, load_tokenizer
         from dsv4_jax.kv_accounting import kv_bytes
         from dsv4_jax.kv_cache import KVFormat
+        from dsv4_jax.model import ModelOptions
 
         config = make_config(profile, swa_strategy, **engine_args)
+        if dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
         shards = 1
         if mesh is not None:  # params restored straight into their shards; pools split per sequence shard
             from dsv4_jax.sharding import DEFAULT_RULES, Layout
 
             shards = Layout.create(mesh, DEFAULT_RULES).num_seq_shards
         cfg, params = load_checkpoint(checkpoint_dir, getattr(jnp, dtype), mesh=mesh)
+        self.qat = cfg.qat_trained if qat is None else bool(qat)
+        config = dataclasses.replace(config, kv_format=resolve_kv_format(config.kv_format, self.qat, allow_lossy_kv))
         tokenizer = load_tokenizer(checkpoint_dir, cfg)
         for r in sorted({r for r in cfg.compress_ratios if r}):
             if config.block_tokens % r:
@@ -93,6 +110,7 @@ class LLM:
             num_snapshots=pools.num_snapshots, max_batch=config.max_batch,
             max_tokens_per_step=config.max_tokens_per_step, kv_format=config.kv_format,
             eos_token_id=cfg.eos_token_id, mesh=mesh, lookahead=config.decode_lookahead,
+            opts=ModelOptions(sim_quant=self.qat),
         )  # fmt: skip
         self.model_config = cfg
         self.pools: PoolPlan | None = pools
@@ -102,7 +120,7 @@ class LLM:
     def from_engine(cls, engine: LLMEngine) -> LLM:
         """An ``LLM`` over an existing engine (any runner)."""
         llm = cls.__new__(cls)
-        llm.model_config, llm.pools = None, None
+        llm.model_config, llm.pools, llm.qat = None, None, None
         llm._init(engine)
         return llm
 

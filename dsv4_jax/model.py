@@ -89,9 +89,10 @@ def block(x, tokens, positions, p, layer: int, cfg: Config, opts: ModelOptions, 
 
 def forward_streams(params, tokens, positions, cfg: Config, opts: ModelOptions = ModelOptions(), state=None,
                     meta: kvc.StepMeta | None = None, cache: kvc.CacheConfig | None = None,
-                    taps: list | None = None):
+                    taps: list | None = None, layer_taps: list | None = None):
     """Final residual streams [B,T,n,D] before the HC head (the MTP block's input, §7), and
-    the advanced state (``None`` without one). ``taps``: the indexer-loss hook (training)."""
+    the advanced state (``None`` without one). ``taps``: the indexer-loss hook (training);
+    ``layer_taps``: a list each block appends its output streams to (the numerics report)."""
     h0 = params["embed"]["weight"][tokens]  # [B,T,D]
     x = jnp.broadcast_to(h0[:, :, None, :], (*h0.shape[:2], cfg.hc_mult, h0.shape[-1]))
     new_layers = []
@@ -101,6 +102,8 @@ def forward_streams(params, tokens, positions, cfg: Config, opts: ModelOptions =
             x, st = block(x, tokens, positions, p, i, cfg, opts, st, meta, cache, taps)
         x = constrain(x, ("batch", None, None, "embed"), opts.layout)  # [B,T,n,D] stays split by sequence
         new_layers.append(st)
+        if layer_taps is not None:
+            layer_taps.append(x)
     return x, (None if state is None else {**state, "layers": new_layers})
 
 
@@ -114,7 +117,7 @@ def head_logits(x, hc_params: dict, norm_w, head_w, cfg: Config):
 
 def forward(params, tokens, positions, state=None, meta: kvc.StepMeta | None = None, *, cfg: Config,
             opts: ModelOptions = ModelOptions(), cache: kvc.CacheConfig | None = None, last_only: bool = False,
-            taps: list | None = None):
+            taps: list | None = None, layer_taps: list | None = None):
     """Logits f32[B,T,V] for tokens i32[B,T] at positions i32[B,T], and the new state.
 
     ``state=None``: every row is a whole sequence from position 0 (returns ``None`` state).
@@ -122,11 +125,12 @@ def forward(params, tokens, positions, state=None, meta: kvc.StepMeta | None = N
     sequence from ``positions[:, 0]`` with ``meta.lengths`` valid tokens (prefill chunk or
     decode step); the state is read, advanced and returned. ``last_only`` returns only the
     logits of each row's last valid token, f32[B,1,V]. ``taps`` (full-sequence path only): a list
-    each CSA layer appends its indexer scores and attention inputs to (``dsv4_jax.train.loss``).
+    each CSA layer appends its indexer scores and attention inputs to (``dsv4_jax.train.loss``);
+    ``layer_taps``: a list each block appends its output streams [B,T,n,D] to.
     """
     if (state is None) != (meta is None) or (state is not None and cache is None):
         raise ValueError("forward: pass state, meta and cache together (or none of them)")
-    x, state = forward_streams(params, tokens, positions, cfg, opts, state, meta, cache, taps)
+    x, state = forward_streams(params, tokens, positions, cfg, opts, state, meta, cache, taps, layer_taps)
     if last_only:
         last = (meta.lengths - 1) if meta is not None else jnp.full((x.shape[0],), x.shape[1] - 1)
         x = jnp.take_along_axis(x, jnp.maximum(last, 0)[:, None, None, None], axis=1)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config, yarn_correction_range
+from pallas_kernels import mxfp4
 from dsv4_jax.quant import QuantizedWeight
 
 F32 = jnp.float32
@@ -107,11 +108,6 @@ def hadamard(x: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- QAT sims
-def _pow2_scale(amax: jax.Array, qmax: float) -> jax.Array:
-    """UE8M0 scale: the smallest power of two ``s`` with ``amax/s <= qmax``."""
-    return jnp.exp2(jnp.ceil(jnp.log2(amax / qmax)))
-
-
 def _block_round(x: jax.Array, block: int, qmax: float, min_amax: float, qdtype) -> jax.Array:
     """Round to ``qdtype`` with one power-of-two scale per ``block`` values of the last axis.
 
@@ -124,8 +120,7 @@ def _block_round(x: jax.Array, block: int, qmax: float, min_amax: float, qdtype)
     if pad:
         xf = jnp.pad(xf, [(0, 0)] * (len(shape) - 1) + [(0, pad)])
     xb = xf.reshape(*shape[:-1], (n + pad) // block, block)
-    amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), min_amax)
-    s = _pow2_scale(amax, qmax)
+    s = mxfp4.pow2(mxfp4.pow2_exponent(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), qmax, min_amax))
     q = jnp.clip(xb / s, -qmax, qmax).astype(qdtype).astype(F32)
     return (q * s).reshape(*shape[:-1], n + pad)[..., :n].astype(x.dtype)
 

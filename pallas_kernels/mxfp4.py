@@ -56,10 +56,28 @@ def e8m0_encode_exponent(n: jax.Array) -> jax.Array:
     return jnp.clip(n + 127, 1, 254).astype(jnp.uint8)
 
 
+def ceil_log2(x: jax.Array) -> jax.Array:
+    """``ceil(log2(x))`` of positive normal float32 ``x``, exactly, from its bits: the exponent
+    field, plus one unless the mantissa is zero (``x`` a power of two).
+
+    ``jnp.ceil(jnp.log2(x))`` is not exact: one ulp above a power of two the float32 log rounds
+    to the integer itself, so the scale came out one step too small and the block's largest
+    value saturated at the format's maximum instead of being represented."""
+    bits = lax.bitcast_convert_type(x.astype(F32), jnp.uint32)
+    exponent = ((bits >> 23) & 0xFF).astype(jnp.int32) - 127
+    return exponent + ((bits & 0x7FFFFF) != 0).astype(jnp.int32)
+
+
 def pow2_exponent(amax: jax.Array, qmax: float, min_amax: float) -> jax.Array:
     """``ceil(log2(max(amax, min_amax)/qmax))``: the exponent of the smallest UE8M0 scale
-    that maps ``amax`` into ``[-qmax, qmax]``; the same rule as ``dsv4_jax.ops._pow2_scale``."""
-    return jnp.ceil(jnp.log2(jnp.maximum(amax, min_amax) / qmax)).astype(jnp.int32)
+    that maps ``amax`` into ``[-qmax, qmax]`` (§2's rule, shared by the model's QAT rounding
+    and the storage codecs). ``min_amax/qmax`` must be a normal float32."""
+    return ceil_log2(jnp.maximum(amax.astype(F32), min_amax) / qmax)
+
+
+def pow2(n: jax.Array) -> jax.Array:
+    """``2^n`` exactly as float32 for integer ``n`` in the normal range (built from bits)."""
+    return lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, F32)
 
 
 # --------------------------------------------------------------------------- nibbles

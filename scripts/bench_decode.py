@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -42,52 +41,15 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from dsv4_jax.config import Config, YarnScaling
-
-# Mid size: 6 layers [SWA, CSA, HCA, CSA, HCA, SWA] + an SWA MTP block, hidden 1024,
-# 8 heads x 512, 16 routed experts (top-4) + 1 shared, vocab 32768. Tiny: the demo's widths.
-SIZES = {
-    "mid": dict(
-        vocab_size=32768, hidden_size=1024, num_hidden_layers=6, num_attention_heads=8, head_dim=512,
-        qk_rope_head_dim=64, q_lora_rank=512, o_groups=4, o_lora_rank=256, sliding_window=128,
-        index_n_heads=16, index_head_dim=128, index_topk=512, compress_ratios=(0, 4, 128, 4, 128, 0, 0),
-        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, moe_intermediate_size=512,
-        num_hash_layers=2,
-    ),
-    "tiny": dict(
-        vocab_size=1024, hidden_size=256, num_hidden_layers=3, num_attention_heads=4, head_dim=128,
-        qk_rope_head_dim=64, q_lora_rank=128, o_groups=2, o_lora_rank=128, sliding_window=128,
-        index_n_heads=16, index_head_dim=128, index_topk=16, compress_ratios=(0, 4, 128, 0),
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128,
-        num_hash_layers=2,
-    ),
-}  # fmt: skip
-COMMON = dict(routed_scaling_factor=1.5, rope_theta=10000.0, compress_rope_theta=160000.0,
-              rope_scaling=YarnScaling(16.0, 65536, 32.0, 1.0), max_position_embeddings=65536,
-              weight_dtype="fp8", expert_dtype="fp4")  # fmt: skip
+from dsv4_jax.bench.checkpoints import COMMON, SIZES, build_random, size_config  # noqa: F401, E402 (decode_sweep)
+from dsv4_jax.config import Config  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- checkpoint
 def build_checkpoint(out_dir: str, size: str, seed: int = 0) -> str:
-    """Write (once) a random checkpoint of ``SIZES[size]`` in the published format, one shard
-    per layer, with the demo's tokenizer files. Returns ``out_dir``."""
-    if os.path.exists(os.path.join(out_dir, "model.safetensors.index.json")):
-        return out_dir
-    import make_demo_checkpoint as demo
-
-    from dsv4_jax.checkpoint import placement
-    from dsv4_jax.checkpoint.safetensors_writer import native_tensors, random_value, write_native
-
-    cfg = Config(**SIZES[size], **COMMON)
-    tmp = out_dir + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shards = [[k] for k in placement.chunk_keys(cfg, include_mtp=True)]
-    write_native(tmp, cfg, shards, lambda spec: native_tensors(spec, random_value(spec, cfg, seed)),
-                 demo.EXTRA_CONFIG)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(os.path.join(ROOT, "checkpoints", "demo", name), tmp)
-    os.replace(tmp, out_dir)
-    return out_dir
+    """Write (once) a random checkpoint of ``SIZES[size]`` in the published format
+    (``dsv4_jax.bench.checkpoints.build_random``). Returns ``out_dir``."""
+    return build_random(out_dir, size_config(size), seed)
 
 
 # ----------------------------------------------------------------------------- roofline
@@ -135,10 +97,13 @@ def _timed(fn) -> float:
 
 
 # ----------------------------------------------------------------------------- ours
-def make_llm(ckpt: str, dtype: str, max_batch: int, max_len: int, tokens_per_step: int, lookahead: bool = True):
+def make_llm(ckpt: str, dtype: str, max_batch: int, max_len: int, tokens_per_step: int, lookahead: bool = True,
+             qat: bool = False):
+    """``LLM`` for the benchmark: bf16 rows; QAT rounding off unless asked (the HF port has none,
+    so the greedy-agreement check compares the same math)."""
     from dsv4_jax import LLM
 
-    return LLM(ckpt, dtype=dtype, kv_format="bf16", max_batch=max_batch, max_model_len=max_len,
+    return LLM(ckpt, dtype=dtype, kv_format="bf16", qat=None if qat else False, max_batch=max_batch, max_model_len=max_len,
                max_tokens_per_step=tokens_per_step, enable_prefix_cache=False, num_snapshots=0,
                swa_strategy="recompute", decode_lookahead=lookahead)  # fmt: skip
 
@@ -232,7 +197,7 @@ def held_is_exact(held, params32) -> dict:
 
 def hf_from(cfg, params32):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from hf_oracle import hf_model  # test support: our params under HF's names (HF_ORACLE.md §5)
+    from dsv4_jax.bench.hf_port import hf_model  # our params under HF's names (HF_ORACLE.md §5)
 
     return hf_model(cfg, params32)
 
@@ -254,6 +219,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--hf-new-tokens", type=int, default=None, help="HF decode length (default: --new-tokens)")
     ap.add_argument("--bandwidth-mib", type=int, default=None, help="array size of the bandwidth probe")
+    ap.add_argument("--qat", action="store_true",
+                    help="serve with the checkpoint's QAT rounding (default off: the HF port has none)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="precision the engine holds weights in (both exact for FP8 / MXFP4; on XLA:CPU "
                          "bf16 matmuls are far slower than f32, docs/PERF.md 'Decode')")
@@ -274,7 +241,7 @@ def main(argv=None) -> dict:
     max_b, plen, new = max(batches), args.prompt_len, args.new_tokens
     rng = np.random.RandomState(0)
     t = time.perf_counter()
-    llm = make_llm(ckpt, args.dtype, max_b, plen + new + 1, max_b * plen, not args.no_decode_lookahead)
+    llm = make_llm(ckpt, args.dtype, max_b, plen + new + 1, max_b * plen, not args.no_decode_lookahead, args.qat)
     cfg = llm.model_config
     log(f"loaded {ckpt} in {time.perf_counter() - t:.1f} s")
     prompts = {b: rng.randint(2, cfg.vocab_size, (b, plen)).tolist() for b in batches}
@@ -287,6 +254,7 @@ def main(argv=None) -> dict:
                                                 "vocab_size", "index_topk", "compress_ratios")},
         "held_dtype": f"{args.dtype} (fp32 for the leaves params.py keeps in fp32)",
         "decode_lookahead": not args.no_decode_lookahead,
+        "qat": args.qat,
         "loadavg_start": os.getloadavg(), "weight_bytes": wb, "bandwidth_GBps": bw / 1e9, "prompt_len": plen, "new_tokens": new, "batches": {},
     }  # fmt: skip
     log(f"active weight bytes/token (batch 1): {bytes_per_step(wb, cfg, 1) / 1e6:.1f} MB; "

@@ -74,6 +74,7 @@ def evaluate(checkpoint: str, prompts, swa: str, kv_format: str, args) -> dict:
 
     max_len = max(p["length"] for p in prompts) + 8
     llm = LLM(checkpoint, profile="balanced", swa_strategy=swa, dtype=args.dtype, kv_format=kv_format,
+              qat=False if args.no_qat else None, allow_lossy_kv=args.allow_lossy_kv,
               max_model_len=-(-max_len // 256) * 256, max_batch=args.batch,
               max_tokens_per_step=args.max_tokens_per_step, checkpoint_interval=args.checkpoint_interval,
               **({} if swa == "recompute" else {"num_snapshots": 64}))  # fmt: skip
@@ -157,6 +158,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--indexer", choices=("trained", "random"), default="trained")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--no-qat", action="store_true", help="the HF port's unquantized math (docs/SERVING.md)")
+    ap.add_argument("--allow-lossy-kv", action="store_true", help="FP8 storage with --no-qat")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-tokens-per-step", type=int, default=2048, help="prefill chunk budget")
     ap.add_argument("--checkpoint-interval", type=int, default=1024)
@@ -180,6 +183,7 @@ def main(argv=None) -> int:
         random_indexer_checkpoint(args.checkpoint, ckpt, args.seed)
     report = {"checkpoint": os.path.relpath(args.checkpoint, ROOT), "indexer": args.indexer,
               "samples_per_cell": args.samples, "window": cfg.sliding_window, "dtype": args.dtype,
+              "qat": not args.no_qat and cfg.qat_trained,
               "max_tokens_per_step": args.max_tokens_per_step, "checkpoint_interval": args.checkpoint_interval,
               "chance": 1 / 64, "runs": []}  # fmt: skip
     for run in args.runs.split(","):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from hf_oracle import hf_logits, hf_state_dict
+from dsv4_jax.bench.hf_port import hf_logits, hf_state_dict
 from test_parity import assert_close, assert_no_topk_boundary_ties
 from transformers import AutoTokenizer, DeepseekV4ForCausalLM
 

@@ -9,7 +9,7 @@ import pytest
 from dsv4_jax.config import preset
 from dsv4_jax.model import forward
 from dsv4_jax.params import init_params
-from hf_oracle import hf_logits, hf_model
+from dsv4_jax.bench.hf_port import hf_logits, hf_model
 from test_parity import assert_close
 
 

@@ -12,7 +12,7 @@ import torch
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hfm
 
 from dsv4_jax.model import forward_streams, mtp_forward
-from hf_oracle import _t, hf_config, hf_layer_state_dict
+from dsv4_jax.bench.hf_port import _t, hf_config, hf_layer_state_dict
 from test_parity import assert_close, setup
 
 T = 40

@@ -9,7 +9,7 @@ import torch
 from dsv4_jax import hyper_connections as hc
 from dsv4_jax import ops
 from dsv4_jax.config import preset
-from hf_oracle import hf_config
+from dsv4_jax.bench.hf_port import hf_config
 
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hfm
 

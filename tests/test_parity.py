@@ -17,7 +17,7 @@ import torch
 from dsv4_jax.config import preset
 from dsv4_jax.model import forward
 from dsv4_jax.params import init_params
-from hf_oracle import hf_logits, hf_model
+from dsv4_jax.bench.hf_port import hf_logits, hf_model
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,7 +30,7 @@ class EngineConfig:
     max_model_len: int | None = None  # context limit; None: the checkpoint's max_position_embeddings
     swa_strategy: str = "checkpoint"  # full | checkpoint | recompute (SERVING.md §1.6)
     checkpoint_interval: int = 4096  # tokens between SWA snapshots for "checkpoint"
-    kv_format: str = "fp8"  # bf16 | fp8 | fp8-fp4 (kv_cache.KVFormat.parse)
+    kv_format: str | None = None  # bf16 | fp8 | fp8-fp4 (kv_cache.KVFormat.parse); None: follows QAT
     enable_prefix_cache: bool = True
     num_slots: int | None = None  # state slots; None: max_batch
     num_snapshots: int = 256  # SWA snapshot store entries (full / checkpoint)
@@ -48,8 +48,8 @@ class EngineConfig:
                 bad(f, "must be a positive integer")
         if self.swa_strategy not in SWA_STRATEGIES:
             bad("swa_strategy", f"must be one of {SWA_STRATEGIES}")
-        if self.kv_format not in KV_FORMATS:
-            bad("kv_format", f"must be one of {KV_FORMATS}")
+        if self.kv_format is not None and self.kv_format not in KV_FORMATS:
+            bad("kv_format", f"must be one of {KV_FORMATS} or None (follow the QAT mode)")
         if self.swa_strategy == "checkpoint" and self.checkpoint_interval % self.block_tokens:
             bad("checkpoint_interval", f"must be a multiple of block_tokens={self.block_tokens}")
         if self.num_snapshots < 0:
@@ -77,21 +77,21 @@ PROFILES: dict[str, EngineConfig] = {
     # costs no recompute at all.
     "chat": EngineConfig(
         block_tokens=128, max_tokens_per_step=2048, max_batch=128, max_model_len=32768,
-        swa_strategy="full", kv_format="bf16", num_snapshots=512,
+        swa_strategy="full", num_snapshots=512,
     ),
     # Mixed traffic up to 128K: snapshots every 4K tokens bound the replay on a hit to 4K
-    # while storing 1/32 of what full SWA caching would; FP8 rows halve the pools.
+    # while storing 1/32 of what full SWA caching would.
     "balanced": EngineConfig(
         block_tokens=256, max_tokens_per_step=4096, max_batch=64, max_model_len=131072,
-        swa_strategy="checkpoint", checkpoint_interval=4096, kv_format="fp8", num_snapshots=256,
+        swa_strategy="checkpoint", checkpoint_interval=4096, num_snapshots=256,
     ),
     # Decode-heavy 100K+ work (agents, coding, research): capacity first. No SWA storage at
     # all; a hit replays window × layers tokens (5,504 for Flash) over cached compressed
-    # entries, exact, whatever the prefix length. FP8 rows + FP4 indexer keys; large chunks
-    # for 100K prompts; few sequences, each with a long context.
+    # entries, exact, whatever the prefix length. Large chunks for 100K prompts; few
+    # sequences, each with a long context.
     "long-context": EngineConfig(
         block_tokens=256, max_tokens_per_step=8192, max_batch=16, max_model_len=None,
-        swa_strategy="recompute", kv_format="fp8-fp4", num_snapshots=0,
+        swa_strategy="recompute", num_snapshots=0,
     ),
 }  # fmt: skip
 DEFAULT_PROFILE = "balanced"
@@ -113,6 +113,30 @@ def make_config(profile: str | None = None, swa_strategy: str | None = None, **o
         if swa_strategy != "recompute" and base.num_snapshots == 0 and "num_snapshots" not in overrides:
             overrides["num_snapshots"] = 256
     return dataclasses.replace(base, **overrides)
+
+
+def resolve_kv_format(kv_format: str | None, qat: bool, allow_lossy_kv: bool = False) -> str:
+    """The KV storage format to serve with, given the numerics mode (docs/SERVING.md "Numerics").
+
+    With the reference's QAT rounding in the forward (``qat``, ARCHITECTURE.md §2, §11.2) every
+    stored row is already on the storage grid: the nope dims of KV rows on FP8 with the codec's
+    power-of-two scales, indexer keys on FP4 after the Hadamard. FP8 rows and FP4 indexer keys
+    then store exactly what the model computed, so ``fp8-fp4`` is the default. Without QAT the
+    model never rounds its rows, FP8 storage would round them, and answers change (docs/PERF.md
+    "KV storage formats"): the default is ``bf16``, and an FP8 format needs ``allow_lossy_kv``.
+    """
+    if kv_format is None:
+        return "fp8-fp4" if qat else "bf16"
+    if kv_format not in KV_FORMATS:
+        raise ValueError(f"kv_format must be one of {KV_FORMATS}, got {kv_format!r}")
+    if not qat and kv_format != "bf16" and not allow_lossy_kv:
+        raise ValueError(
+            f"kv_format={kv_format!r} with qat=False: the model does not round its KV rows to FP8 / FP4 "
+            f"without QAT, so storing them in {kv_format} changes answers (docs/PERF.md, 'KV storage "
+            f"formats'). Serve with QAT on (the default for V4 checkpoints), use kv_format='bf16', or pass "
+            f"allow_lossy_kv=True (--allow-lossy-kv) to accept the drift."
+        )
+    return kv_format
 
 
 @dataclasses.dataclass(frozen=True)

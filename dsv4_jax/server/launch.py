@@ -40,6 +40,11 @@ def add_model_args(parser: argparse.ArgumentParser, profiling: bool = True) -> N
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="compute dtype of the weights and state")  # fmt: skip
     add_cli_args(parser)  # --profile, --swa-strategy, --max-model-len, --kv-format, --max-batch, ...
+    parser.add_argument("--no-qat", action="store_true",
+                        help="run the HF port's unquantized math instead of the reference's QAT rounding "
+                             "(the default for V4 checkpoints); KV storage then defaults to bf16")  # fmt: skip
+    parser.add_argument("--allow-lossy-kv", action="store_true",
+                        help="accept --kv-format fp8 / fp8-fp4 with --no-qat (changes answers)")  # fmt: skip
     parser.add_argument("--max-num-seqs", dest="max_batch", type=int, default=None,
                         help="vLLM's name for --max-batch: sequences running at once")  # fmt: skip
     from dsv4_jax.mesh import add_mesh_args
@@ -96,13 +101,20 @@ def build_llm(args: argparse.Namespace):
             "demo checkpoint: %d pool blocks (--num-blocks / --kv-cache-bytes to change)", kw["num_blocks"]
         )
     t0 = time.monotonic()
-    llm = LLM(args.checkpoint, profile=args.profile, dtype=args.dtype, **kw)
+    llm = LLM(args.checkpoint, profile=args.profile, dtype=args.dtype, qat=qat_arg(args),
+              allow_lossy_kv=getattr(args, "allow_lossy_kv", False), **kw)
     p = llm.pools
-    logging.info("loaded %s in %.1f s: profile %s, max_model_len %d, %d slots, %d blocks of %d tokens, "
-                 "%d snapshots, state %.1f MiB", args.checkpoint, time.monotonic() - t0, args.profile or "balanced",
+    logging.info("loaded %s in %.1f s: profile %s, %s, QAT %s, KV %s, max_model_len %d, %d slots, %d blocks of "
+                 "%d tokens, %d snapshots, state %.1f MiB", args.checkpoint, time.monotonic() - t0,
+                 args.profile or "balanced", args.dtype, "on" if llm.qat else "off", llm.engine.config.kv_format,
                  llm.engine.max_model_len, p.num_slots, p.num_blocks, config.block_tokens, p.num_snapshots,
                  p.total_bytes / 2**20)  # fmt: skip
     return llm
+
+
+def qat_arg(args: argparse.Namespace) -> bool | None:
+    """``LLM``'s ``qat``: ``False`` under ``--no-qat``, else the checkpoint's default."""
+    return False if getattr(args, "no_qat", False) else None
 
 
 def _is_demo(checkpoint: str) -> bool:

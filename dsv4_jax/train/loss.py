@@ -23,6 +23,7 @@ from dsv4_jax.checkpoint import layout, placement
 from dsv4_jax.config import Config
 from dsv4_jax.model import ModelOptions, forward
 from dsv4_jax.params import param_infos
+from pallas_kernels import mxfp4
 
 F32 = jnp.float32
 
@@ -55,8 +56,7 @@ def _round_blocks(w, block, qmax: float, floor: float, qdtype):
     if o % bo or i % bi:
         raise ValueError(f"fake-quant: shape {w.shape} is not a multiple of the block {block}")
     wb = w.reshape(*lead, o // bo, bo, i // bi, bi)
-    amax = jnp.maximum(jnp.max(jnp.abs(wb), axis=(-3, -1), keepdims=True), floor)
-    s = jnp.exp2(jnp.ceil(jnp.log2(amax / qmax)))
+    s = mxfp4.pow2(mxfp4.pow2_exponent(jnp.max(jnp.abs(wb), axis=(-3, -1), keepdims=True), qmax, floor))
     q = jnp.clip(wb / s, -qmax, qmax).astype(qdtype).astype(F32) * s
     return q.reshape(w.shape)
 

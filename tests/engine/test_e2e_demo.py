@@ -1,8 +1,21 @@
-"""End to end on the demo checkpoint: the host engine driving ``JaxModelRunner`` (float32).
+"""End to end on the demo checkpoint: the host engine driving ``JaxModelRunner``.
 
 Every engine run is compared with each request generated alone, greedily, by the state path
 of the model (``state_utils.run``: one prefill, then one decode step at a time, in a fresh
-state): the issue's correctness criteria.
+state): the issue's correctness criteria. Each test runs in two numerics modes (``MODES``):
+float32 compute with bf16 rows and no QAT rounding (the HF port's math), and what ``LLM(dir)``
+serves a V4 checkpoint with: bf16 compute, the reference's QAT rounding, FP8 rows and FP4
+indexer keys. With QAT the stored rows are exactly the rows the model computed (no storage
+drift on a prefix hit, tests/test_decode_state.py checks the rows), so cold runs, prefix hits,
+chunked prefill and preemption give the request's tokens alone.
+
+What differs between the modes is XLA's arithmetic, not the engine: XLA:CPU's row reductions
+and matmuls sum in an order that depends on the program's shapes (a 128-token chunk, a
+256-token chunk and a decode step round the same row's sums differently, in the last bit).
+In float32 that stays below 1e-5 on the logits. In bf16 with QAT a last-bit difference can
+cross a bf16 or FP8 rounding boundary and grow to ~0.1 logit (docs/PERF.md "Same tokens on
+every path"), so there a request may take the other token where the alone run's top two are
+within ``NEAR_TIE``; before that step every token must be equal.
 
 Demo model: 3 layers, window 128, so a recompute replay is 384 tokens; blocks of 128 tokens.
 One runner is built once and shared: each test puts a fresh ``LLMEngine`` on it, optionally
@@ -24,22 +37,28 @@ from dsv4_jax import kv_cache as kvc
 from dsv4_jax.checkpoint import load_checkpoint
 from dsv4_jax.engine import EngineConfig, LLMEngine
 from dsv4_jax.engine.model_runner import JaxModelRunner
+from dsv4_jax.model import ModelOptions
 
 DEMO = "checkpoints/demo"
 BT = 128
+# mode: (compute dtype, KV format, QAT rounding in the forward)
+MODES = {"f32": (jnp.float32, "bf16", False), "default": (jnp.bfloat16, "fp8-fp4", True)}
+pytestmark = pytest.mark.parametrize("mode", sorted(MODES))
+NEAR_TIE = 0.25  # logits: cross-shape drift measured up to 0.17 on the demo in the default mode
 
 
 @functools.cache
-def demo():
-    return load_checkpoint(DEMO, jnp.float32)
+def demo(dtype=jnp.float32):
+    return load_checkpoint(DEMO, dtype)
 
 
 @functools.cache
-def shared_runner():
-    cfg, params = demo()
+def shared_runner(mode):
+    dtype, fmt, qat = MODES[mode]
+    cfg, params = demo(dtype)
     return JaxModelRunner(cfg, params, num_slots=4, num_blocks=24, block_tokens=BT, max_blocks_per_seq=8,
-                          num_snapshots=8, max_batch=4, max_tokens_per_step=256, kv_format="bf16",
-                          eos_token_id=cfg.eos_token_id, dtype=jnp.float32)  # fmt: skip
+                          num_snapshots=8, max_batch=4, max_tokens_per_step=256, kv_format=fmt,
+                          eos_token_id=cfg.eos_token_id, dtype=dtype, opts=ModelOptions(sim_quant=qat))  # fmt: skip
 
 
 class Limited:
@@ -55,28 +74,48 @@ class Limited:
         self.runner.forget(seq_id)
 
 
-def engine(strategy="recompute", cache=True, **limits):
-    r = Limited(shared_runner(), **limits)
+def engine(mode, strategy="recompute", cache=True, **limits):
+    r = Limited(shared_runner(mode), **limits)
     cfg = EngineConfig(block_tokens=BT, swa_strategy=strategy, checkpoint_interval=2 * BT, enable_prefix_cache=cache,
                        num_snapshots=r.limits.num_snapshots)  # fmt: skip
     return LLMEngine(r, cfg)
 
 
 @functools.cache
-def alone(prompt: tuple, n: int) -> list[int]:
-    """Greedy tokens of ``prompt`` generated alone on the state path (no engine, no runner)."""
-    cfg, params = demo()
+def alone(mode: str, prompt: tuple, n: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens of ``prompt`` generated alone on the state path (no engine, no runner), and
+    the gap between the top two logits at each step."""
+    dtype, fmt, qat = MODES[mode]
+    cfg, params = demo(dtype)
     cc = kvc.CacheConfig(num_slots=1, num_blocks=8, max_blocks_per_seq=8, block_tokens=BT,
-                         fmt=kvc.KVFormat.parse("bf16"), dtype=jnp.float32)  # fmt: skip
+                         fmt=kvc.KVFormat.parse(fmt), dtype=dtype)  # fmt: skip
+    opts = ModelOptions(sim_quant=qat)
     state, blocks = kvc.init_state(cfg, cc), list(range(8))
-    lg, state = state_run(cfg, cc, params, state, np.array(prompt), [len(prompt)], 0, blocks)
-    out = [int(np.argmax(lg[-1]))]
-    for k in range(n - 1):
-        lg, state = state_run(
-            cfg, cc, params, state, np.array(out[-1:]), [1], 0, blocks, start=len(prompt) + k
-        )
+    lg, state = state_run(cfg, cc, params, state, np.array(prompt), [len(prompt)], 0, blocks, opts)
+    out, gaps = [], []
+    for k in range(n):
+        if k:
+            lg, state = state_run(
+                cfg, cc, params, state, np.array(out[-1:]), [1], 0, blocks, opts, start=len(prompt) + k - 1
+            )
+        top2 = np.sort(lg[-1])[-2:]
         out.append(int(np.argmax(lg[-1])))
-    return out
+        gaps.append(float(top2[1] - top2[0]))
+    return out, gaps
+
+
+def check_alone(mode: str, got: list[int], prompt, n: int) -> None:
+    """``got`` is ``prompt``'s greedy continuation alone: exactly in float32; in bf16 with QAT up
+    to the first step where the alone run's top two logits are within ``NEAR_TIE``."""
+    want, gaps = alone(mode, tuple(prompt), n)
+    assert len(got) == len(want) == n
+    if mode == "f32":
+        assert got == want
+        return
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            assert gaps[i] < NEAR_TIE, f"step {i}: got {g}, alone {w}; alone's top-2 gap {gaps[i]:.3f} is no near-tie"
+            return
 
 
 def toks(n, seed):
@@ -100,59 +139,60 @@ def drive(e, arrivals):
     return {p: e.get_request(r).output_token_ids for p, (r, n) in rids.items()}
 
 
-def test_mixed_lengths_arriving_at_different_steps_equal_each_request_alone():
+def test_mixed_lengths_arriving_at_different_steps_equal_each_request_alone(mode):
     arrivals = {0: [(toks(7, 1), 20), (toks(150, 2), 8)], 2: [(toks(300, 3), 10)], 5: [(toks(40, 4), 25)]}
-    used = shared_runner().ahead.used
-    got = drive(engine(), arrivals)
+    used = shared_runner(mode).ahead.used
+    got = drive(engine(mode), arrivals)
     for step in arrivals.values():
         for p, n in step:
-            assert got[tuple(p)] == alone(tuple(p), n)
+            check_alone(mode, got[tuple(p)], p, n)
     # the decode lookahead (engine/lookahead.py) answered most decodes while arrivals changed
     # the batch; outputs are still each request's alone
-    assert shared_runner().ahead.used - used > 20
+    assert shared_runner(mode).ahead.used - used > 20
 
 
 @pytest.mark.parametrize("strategy", ["full", "checkpoint", "recompute"])
-def test_prefix_hits_equal_the_cold_run(strategy):
+def test_prefix_hits_equal_the_cold_run(mode, strategy):
     a = toks(700, 10)
     long_hit = a[:650] + toks(30, 11)  # H = 640 > window·layers = 384, ending mid-block (650)
     short_hit = a[:200] + toks(20, 12)  # H = 128 < 384 (recompute replays from 0)
-    e = engine(strategy)
-    assert drive(e, {0: [(a, 4)]})[tuple(a)] == alone(tuple(a), 4)
+    e = engine(mode, strategy)
+    check_alone(mode, drive(e, {0: [(a, 4)]})[tuple(a)], a, 4)
     for b, hit in ((long_hit, 640), (short_hit, 128)):
         before = e.stats()["prefix_cache_hit_tokens"]
-        assert drive(e, {0: [(b, 6)]})[tuple(b)] == alone(tuple(b), 6)
+        check_alone(mode, drive(e, {0: [(b, 6)]})[tuple(b)], b, 6)
         assert e.stats()["prefix_cache_hit_tokens"] - before == hit
     assert e.block_manager.leaks() == []
 
 
-def test_snapshots_saved_by_decodes_under_the_lookahead_serve_a_later_hit():
+def test_snapshots_saved_by_decodes_under_the_lookahead_serve_a_later_hit(mode):
     # `full` saves a snapshot at every block end, here at position 255, reached while decoding
     # (a decode the lookahead computed); a later prompt extending those outputs restores it.
     a = toks(250, 30)
-    e = engine("full")
+    e = engine(mode, "full")
     out = drive(e, {0: [(a, 12)]})[tuple(a)]
-    assert out == alone(tuple(a), 12)
+    check_alone(mode, out, a, 12)
     b = a + out[:8] + toks(5, 31)  # 263 tokens: blocks 0-1 (256 positions) are cached with their snapshot
     before = e.stats()["prefix_cache_hit_tokens"]
-    assert drive(e, {0: [(b, 6)]})[tuple(b)] == alone(tuple(b), 6)
+    check_alone(mode, drive(e, {0: [(b, 6)]})[tuple(b)], b, 6)
     assert e.stats()["prefix_cache_hit_tokens"] - before == 256
     assert e.block_manager.leaks() == []
 
 
-def test_preemption_and_resumption_do_not_change_outputs():
+def test_preemption_and_resumption_do_not_change_outputs(mode):
     ps = [toks(n, 20 + n) for n in (200, 230, 180)]
-    e = engine("recompute", num_blocks=7, max_tokens_per_step=128)
+    e = engine(mode, "recompute", num_blocks=7, max_tokens_per_step=128)
     got = drive(e, {0: [(p, 90) for p in ps]})
     assert e.stats()["preemptions"] > 0
     for p in ps:
-        assert got[tuple(p)] == alone(tuple(p), 90)
+        check_alone(mode, got[tuple(p)], p, 90)
     assert e.block_manager.leaks() == []
 
 
-def test_llm_api_on_the_demo_checkpoint_streams_what_it_generates():
+def test_llm_api_on_the_demo_checkpoint_streams_what_it_generates(mode):
+    dtype, fmt, qat = MODES[mode]
     llm = LLM(DEMO, profile="chat", max_batch=4, num_blocks=32, num_snapshots=8, max_model_len=1024,
-              max_tokens_per_step=256)  # fmt: skip
+              max_tokens_per_step=256, dtype=jnp.dtype(dtype).name, kv_format=fmt, qat=qat)  # fmt: skip
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     outs = llm.generate(["Hello world", [0, 41, 609, 296]], sp)
     assert [len(o.token_ids) for o in outs] == [12, 12]

@@ -113,12 +113,14 @@ def test_detokenizer_handles_split_characters_and_stop_holdback(tok):
     assert sc.find("abcSTOP", 5) == (3, "STOP") and sc.find("abc", 0) is None
 
 
-def test_llm_init_loads_the_checkpoint_and_builds_the_runner_from_the_profile(monkeypatch, tok):
+def stand_in_runner(monkeypatch) -> dict:
+    """Replace ``JaxModelRunner`` by a fake with its constructor signature; returns the dict its
+    constructor arguments land in (the LLM under test builds its runner through it)."""
     built = {}
 
     class StandIn(FakeRunner):  # the JaxModelRunner constructor signature, with fake execution
         def __init__(self, cfg, params, *, num_slots, num_blocks, block_tokens, max_blocks_per_seq, num_snapshots,
-                     max_batch, max_tokens_per_step, kv_format, eos_token_id, mesh, lookahead):  # fmt: skip
+                     max_batch, max_tokens_per_step, kv_format, eos_token_id, mesh, lookahead, opts):  # fmt: skip
             built.update(locals(), cfg=cfg)
             super().__init__(make_limits(
                 num_slots=num_slots, num_blocks=num_blocks, block_tokens=block_tokens,
@@ -129,10 +131,17 @@ def test_llm_init_loads_the_checkpoint_and_builds_the_runner_from_the_profile(mo
     monkeypatch.setitem(
         sys.modules, "dsv4_jax.engine.model_runner", types.SimpleNamespace(JaxModelRunner=StandIn)
     )
+    return built
+
+
+def test_llm_init_loads_the_checkpoint_and_builds_the_runner_from_the_profile(monkeypatch, tok):
+    built = stand_in_runner(monkeypatch)
     llm = LLM(str(DEMO), profile="chat", swa_strategy="checkpoint", max_batch=8, num_blocks=96)
     cfg = built["cfg"]
     assert (built["block_tokens"], built["max_tokens_per_step"], built["max_batch"]) == (128, 2048, 8)
-    assert (built["num_blocks"], built["num_slots"], built["kv_format"]) == (96, 8, "bf16")
+    # the demo is in the published (QAT-trained) format: QAT rounding on, FP8 rows + FP4 indexer keys
+    assert (built["num_blocks"], built["num_slots"], built["kv_format"]) == (96, 8, "fp8-fp4")
+    assert built["opts"].sim_quant is True and llm.qat is True
     assert built["max_blocks_per_seq"] == 32768 // 128 and built["eos_token_id"] == cfg.eos_token_id
     assert built["mesh"] is None and built["lookahead"] is True  # EngineConfig.decode_lookahead
     assert llm.engine.config.swa_strategy == "checkpoint" and llm.engine.max_model_len == 32768
@@ -145,6 +154,42 @@ def test_llm_init_loads_the_checkpoint_and_builds_the_runner_from_the_profile(mo
         LLM(str(DEMO), profile="chat", block_tokens=64)
     LLM(str(DEMO), profile="chat", num_blocks=96, decode_lookahead=False)
     assert built["lookahead"] is False
+
+
+def test_numerics_mode_follows_the_checkpoint_and_kv_storage_follows_the_mode(monkeypatch, tmp_path):
+    """QAT rounding is on for a checkpoint in the published format and off for one of plain bf16
+    weights; the default KV format is what is lossless in the mode; FP8 storage without QAT is
+    refused with the reason unless allowed (docs/SERVING.md "Numerics modes")."""
+    from dsv4_jax.bench.checkpoints import build_random, size_config
+    from dsv4_jax.server import launch
+
+    built = stand_in_runner(monkeypatch)
+    kw = dict(max_batch=2, num_blocks=8, max_model_len=1024)
+    mode = lambda llm: (llm.qat, built["opts"].sim_quant, built["kv_format"], llm.engine.config.kv_format)
+    assert mode(LLM(str(DEMO), **kw)) == (True, True, "fp8-fp4", "fp8-fp4")
+    assert mode(LLM(str(DEMO), kv_format="bf16", **kw)) == (True, True, "bf16", "bf16")
+    assert mode(LLM(str(DEMO), kv_format="fp8", **kw))[2] == "fp8"
+    assert mode(LLM(str(DEMO), qat=False, **kw)) == (False, False, "bf16", "bf16")
+    for fmt in ("fp8", "fp8-fp4"):
+        with pytest.raises(ValueError, match=rf"kv_format='{fmt}' with qat=False.*changes answers.*allow_lossy_kv"):
+            LLM(str(DEMO), qat=False, kv_format=fmt, **kw)
+        assert mode(LLM(str(DEMO), qat=False, kv_format=fmt, allow_lossy_kv=True, **kw))[2] == fmt
+    with pytest.raises(ValueError, match="kv_format"):
+        LLM(str(DEMO), kv_format="fp4", **kw)
+    plain = build_random(str(tmp_path / "bf16"), size_config("tiny", weight_dtype="bf16", expert_dtype=None))
+    assert mode(LLM(plain, **kw)) == (False, False, "bf16", "bf16")  # not QAT-trained
+    assert mode(LLM(plain, qat=True, **kw)) == (True, True, "fp8-fp4", "fp8-fp4")
+
+    parser = argparse.ArgumentParser()
+    launch.add_model_args(parser, profiling=False)
+    args = parser.parse_args(["--no-qat", "--kv-format", "fp8", "--num-blocks", "8", "--max-model-len", "1024",
+                              "--compile-cache", ""])  # fmt: skip
+    with pytest.raises(ValueError, match="--allow-lossy-kv"):
+        launch.build_llm(args)
+    args.allow_lossy_kv = True
+    assert mode(launch.build_llm(args)) == (False, False, "fp8", "fp8")
+    args = parser.parse_args(["--num-blocks", "8", "--max-model-len", "1024", "--compile-cache", ""])
+    assert mode(launch.build_llm(args)) == (True, True, "fp8-fp4", "fp8-fp4")
 
 
 def test_profiles_and_overrides():

@@ -126,3 +126,23 @@ def test_codec_errors_name_the_argument():
         mxfp4.quantize(jnp.ones((2, 48)))
     with pytest.raises(ValueError, match="unknown fmt"):
         kf.quantize_indexer_keys(jnp.ones((2, 32)), "fp6")
+
+
+def test_scale_exponents_are_exact_at_powers_of_two():
+    """UE8M0 scales come from the bits (``mxfp4.ceil_log2``): exact at and one ulp above every power
+    of two, in any program shape (``ceil(log2(x))`` missed 31 of these values: one ulp above
+    2^k the float32 log is k). The model's QAT rounding and the FP8 row codec use the same rule,
+    so rows rounded by the model are stored exactly, also when a block's amax sits on a boundary."""
+    x = np.concatenate([2.0 ** np.arange(-20, 21), 2.0 ** np.arange(-20, 21) * 1.0000001, [3.0, 0.3, 1.5]])
+    x = x.astype(np.float32)
+    want = np.where(np.frexp(x)[0] == 0.5, np.frexp(x)[1] - 1, np.frexp(x)[1])
+    for n in (1, 7, 64, 1000):  # different program shapes around the same values
+        got = jax.jit(mxfp4.ceil_log2)(jnp.asarray(np.resize(x, (n, x.size))))
+        assert (np.asarray(got) == want).all()
+    np.testing.assert_array_equal(np.asarray(mxfp4.pow2(jnp.arange(-126, 128))), 2.0 ** np.arange(-126, 128))
+    rows = np.random.RandomState(3).standard_normal((16, 128)).astype(np.float32)
+    rows[:, 0] = 448.0 * 2.0 ** np.arange(-8, 8)  # every block's amax on a power-of-two boundary
+    rows[:, 64] = -448.0 * 2.0 ** np.arange(-8, 8)
+    qat = ops.fp8_sim_nope(jnp.asarray(rows), 0)
+    stored = kf.dequantize_kv(kf.quantize_kv(qat, rope_dim=0))
+    np.testing.assert_array_equal(np.asarray(stored), np.asarray(qat))

@@ -1,8 +1,9 @@
 """The Hugging Face ``deepseek_v4`` port as a live CPU oracle (HF_ORACLE.md).
 
-Builds the HF model from one of our configs, loads *our* random params into it
-(name map of HF_ORACLE.md §5), and runs it in float32. Test support only: the
-library never imports torch.
+Builds the HF model from one of our configs, loads *our* params into it (name map of
+HF_ORACLE.md §5), and runs it in float32. Used by the parity tests, the decode benchmark and
+the numerics report; it needs the ``oracle`` extra (torch, transformers), so nothing on the
+serving path imports this module.
 """
 
 from __future__ import annotations
