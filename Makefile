@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BASE_STAMP := $(VENV)/.installed-base
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: test test-slow serve clean
+.PHONY: test test-slow lint serve clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,9 +24,15 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 # passing alone), so no process is left to accumulate that much.
 SPLIT := tests/engine tests/kernels tests/server tests/sharding
 test: $(TEST_STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests/engine tests/kernels
 	$(PY) -m pytest -q tests/server tests/sharding
 	$(PY) -m pytest -q tests $(addprefix --ignore=,$(SPLIT))
+
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 test-slow: $(TEST_STAMP)
 	$(PY) -m pytest -q -m slow tests

@@ -130,7 +130,7 @@ class Config:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
         """Build from a DeepSeek/HF ``config.json`` dict; unknown keys are ignored."""
         d = dict(raw)
         mt = d.get("model_type")
@@ -186,7 +186,7 @@ class Config:
         return cls(**kwargs)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "Config":
+    def from_json(cls, path: str | os.PathLike) -> Config:
         """Read ``config.json`` (a file, or a checkpoint directory holding one)."""
         p = os.fspath(path)
         if os.path.isdir(p):
@@ -225,15 +225,8 @@ class Config:
             d["expert_dtype"] = self.expert_dtype
         return d
 
-    def replace(self, **changes) -> "Config":
+    def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
-
-    # ------------------------------------------------------------------ sizes
-    def num_params(self, include_mtp: bool = False) -> int:
-        """Parameter count from the shapes of §8 (scales and buffers like ``tid2eid`` excluded)."""
-        from dsv4_jax.params import count_params  # local import: params depends on config
-
-        return count_params(self, include_mtp=include_mtp)
 
 
 def _coerce(name: str, typ: str, value: Any):
@@ -259,11 +252,22 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"{field}: {msg} (got {getattr(c, field)!r})")
 
     for name in (
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
-        "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "n_routed_experts",
-        "num_experts_per_tok", "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters",
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "head_dim",
+        "q_lora_rank",
+        "o_groups",
+        "o_lora_rank",
+        "sliding_window",
+        "n_routed_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "hc_mult",
+        "hc_sinkhorn_iters",
         "compress_rate_csa",
-    ):  # fmt: skip
+    ):
         v = getattr(c, name)
         need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "must be a positive int")
     need(c.num_key_value_heads == 1, "num_key_value_heads", "DeepSeek-V4 has one shared K=V head")
@@ -300,7 +304,9 @@ def _validate(c: Config) -> None:
         f"cannot exceed n_routed_experts={c.n_routed_experts}",
     )
     need(c.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
-    need(0 <= c.num_hash_layers <= c.num_hidden_layers, "num_hash_layers", "must be in [0, num_hidden_layers]")
+    need(
+        0 <= c.num_hash_layers <= c.num_hidden_layers, "num_hash_layers", "must be in [0, num_hidden_layers]"
+    )
     need(c.scoring_func == "sqrtsoftplus", "scoring_func", "only 'sqrtsoftplus' is supported")
     need(c.topk_method == "noaux_tc", "topk_method", "only 'noaux_tc' is supported")
     need(c.hidden_act == "silu", "hidden_act", "only 'silu' is supported")
@@ -316,35 +322,75 @@ def _validate(c: Config) -> None:
 
 # ---------------------------------------------------------------------- presets
 _FLASH = dict(
-    vocab_size=129280, hidden_size=4096, num_hidden_layers=43, num_attention_heads=64,
-    head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024, o_groups=8, o_lora_rank=1024,
-    sliding_window=128, index_n_heads=64, index_head_dim=128, index_topk=512,
+    vocab_size=129280,
+    hidden_size=4096,
+    num_hidden_layers=43,
+    num_attention_heads=64,
+    head_dim=512,
+    qk_rope_head_dim=64,
+    q_lora_rank=1024,
+    o_groups=8,
+    o_lora_rank=1024,
+    sliding_window=128,
+    index_n_heads=64,
+    index_head_dim=128,
+    index_topk=512,
     compress_ratios=(0, 0) + (4, 128) * 20 + (4,) + (0,),
-    n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=6, moe_intermediate_size=2048,
-    num_hash_layers=3, routed_scaling_factor=1.5, rope_theta=10000.0, compress_rope_theta=160000.0,
-    rope_scaling=YarnScaling(16.0, 65536, 32.0, 1.0), max_position_embeddings=1 << 20,
-    weight_dtype="fp8", expert_dtype="fp4",
-)  # fmt: skip
+    n_routed_experts=256,
+    n_shared_experts=1,
+    num_experts_per_tok=6,
+    moe_intermediate_size=2048,
+    num_hash_layers=3,
+    routed_scaling_factor=1.5,
+    rope_theta=10000.0,
+    compress_rope_theta=160000.0,
+    rope_scaling=YarnScaling(16.0, 65536, 32.0, 1.0),
+    max_position_embeddings=1 << 20,
+    weight_dtype="fp8",
+    expert_dtype="fp4",
+)
 
 _PRO = dict(
     _FLASH,
-    hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
-    o_groups=16, index_topk=1024, compress_ratios=(128, 128) + (4, 128) * 29 + (4,) + (0,),
-    n_routed_experts=384, moe_intermediate_size=3072, routed_scaling_factor=2.5,
-)  # fmt: skip
+    hidden_size=7168,
+    num_hidden_layers=61,
+    num_attention_heads=128,
+    q_lora_rank=1536,
+    o_groups=16,
+    index_topk=1024,
+    compress_ratios=(128, 128) + (4, 128) * 29 + (4,) + (0,),
+    n_routed_experts=384,
+    moe_intermediate_size=3072,
+    routed_scaling_factor=2.5,
+)
 
 # Tiny configs for tests. Every one has >= 16 indexer heads: with fewer, ReLU'd index
 # scores tie exactly at the top-k boundary and two correct implementations disagree
 # (HF_ORACLE.md §8.1).
 _TINY = dict(
-    vocab_size=512, hidden_size=128, num_hidden_layers=6, num_attention_heads=4, head_dim=64,
-    qk_rope_head_dim=16, q_lora_rank=64, o_groups=2, o_lora_rank=32, sliding_window=16,
-    index_n_heads=16, index_head_dim=32, index_topk=4,
+    vocab_size=512,
+    hidden_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    head_dim=64,
+    qk_rope_head_dim=16,
+    q_lora_rank=64,
+    o_groups=2,
+    o_lora_rank=32,
+    sliding_window=16,
+    index_n_heads=16,
+    index_head_dim=32,
+    index_topk=4,
     compress_ratios=(0, 4, 8, 4, 8, 0, 0),
-    n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=64,
-    num_hash_layers=2, routed_scaling_factor=1.5,
-    rope_scaling=YarnScaling(4.0, 1024, 32.0, 1.0), max_position_embeddings=4096,
-)  # fmt: skip
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    moe_intermediate_size=64,
+    num_hash_layers=2,
+    routed_scaling_factor=1.5,
+    rope_scaling=YarnScaling(4.0, 1024, 32.0, 1.0),
+    max_position_embeddings=4096,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "flash": _FLASH,
@@ -353,18 +399,37 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
     # The shipped ratios (4 / 128) and window (128) at tiny width: HCA entries need > 128 tokens.
     "tiny-shipped": dict(
-        _TINY, hidden_size=64, num_hidden_layers=5, num_attention_heads=4, head_dim=64,
-        qk_rope_head_dim=16, q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=128,
-        index_topk=8, compress_ratios=(0, 4, 128, 4, 128, 0), num_hash_layers=1,
-        rope_scaling=YarnScaling(16.0, 256, 32.0, 1.0), max_position_embeddings=4096,
+        _TINY,
+        hidden_size=64,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        head_dim=64,
+        qk_rope_head_dim=16,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=16,
+        sliding_window=128,
+        index_topk=8,
+        compress_ratios=(0, 4, 128, 4, 128, 0),
+        num_hash_layers=1,
+        rope_scaling=YarnScaling(16.0, 256, 32.0, 1.0),
+        max_position_embeddings=4096,
     ),
     # Pro's pattern (HCA first, no SWA-only layers), wider top-k, 3 hash layers, no YaRN.
     "tiny-pro": dict(
-        _TINY, num_hidden_layers=5, num_attention_heads=8, o_groups=4, index_topk=6,
-        n_routed_experts=6, num_experts_per_tok=3, compress_ratios=(16, 16, 4, 16, 4, 0),
-        num_hash_layers=3, routed_scaling_factor=2.5, rope_scaling=None,
+        _TINY,
+        num_hidden_layers=5,
+        num_attention_heads=8,
+        o_groups=4,
+        index_topk=6,
+        n_routed_experts=6,
+        num_experts_per_tok=3,
+        compress_ratios=(16, 16, 4, 16, 4, 0),
+        num_hash_layers=3,
+        routed_scaling_factor=2.5,
+        rope_scaling=None,
     ),
-}  # fmt: skip
+}
 
 
 def preset(name: str) -> Config:
@@ -383,7 +448,9 @@ def yarn_correction_range(cfg: Config) -> tuple[int, int] | None:
     r, base = cfg.qk_rope_head_dim, cfg.compress_rope_theta
 
     def corr(n_rot: float) -> float:
-        return r * math.log(rs.original_max_position_embeddings / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+        return (
+            r * math.log(rs.original_max_position_embeddings / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+        )
 
     low = max(math.floor(corr(rs.beta_fast)), 0)
     high = min(math.ceil(corr(rs.beta_slow)), r - 1)

@@ -15,6 +15,10 @@ wraps an engine built around any other runner (tests use a fake one).
 A prompt is a string (tokenized without added special tokens: build chat prompts with the
 DeepSeek markers yourself) or a list of token ids. ``Output.token_ids`` / ``Output.text`` hold
 the completion only.
+
+Both calls read the engine's ``RequestOutput``s (``engine/output.py``) and nothing else of a
+running request: ``stream`` yields them as they come (``StreamOutput`` is the same type), and
+``generate`` folds a request's outputs into one ``Output``, so the two agree by construction.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import numbers
 from collections.abc import Iterator, Sequence
 
 from dsv4_jax.engine.llm_engine import LLMEngine
+from dsv4_jax.engine.output import RequestOutput, TokenLogprobs
 from dsv4_jax.engine.profiles import PoolPlan, make_config, plan_pools, resolve_kv_format
 from dsv4_jax.engine.request import RequestMetrics
-from dsv4_jax.engine.runner_api import SamplingParams
+from dsv4_jax.engine.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
 
@@ -41,19 +46,13 @@ class Output:
     text: str  # the completion's text, without the EOS / stop token or matched stop string
     finish_reason: str | None  # "stop" | "length" | "abort"
     stop_reason: int | str | None  # the stop token id or stop string, if one ended it
-    logprobs: list | None  # per token (logprob, top [(id, logprob)]) when params.logprobs is set
+    logprobs: list[TokenLogprobs] | None  # per token (logprob, top [(id, logprob)]) if params.logprobs
     metrics: RequestMetrics  # arrival / first token / finish times, per-token times
 
 
-@dataclasses.dataclass
-class StreamOutput:
-    """One streaming delta: the tokens and text produced since the previous one."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finished: bool
-    finish_reason: str | None
+# One streaming delta (``token_ids``, ``text``, ``logprobs`` since the previous one, ``finished``,
+# ``finish_reason``, token counts so far): the engine's own output type.
+StreamOutput = RequestOutput
 
 
 def _is_token_list(p) -> bool:
@@ -72,27 +71,38 @@ class LLM:
     unless ``allow_lossy_kv=True``.
     """
 
-    def __init__(self, checkpoint_dir: str, profile: str | None = None, swa_strategy: str | None = None, *,
-                 dtype: str = "bfloat16", qat: bool | None = None, allow_lossy_kv: bool = False, mesh=None,
-                 **engine_args):  # fmt: skip
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        profile: str | None = None,
+        swa_strategy: str | None = None,
+        *,
+        dtype: str = "bfloat16",
+        qat: bool | None = None,
+        allow_lossy_kv: bool = False,
+        mesh=None,
+        **engine_args,
+    ):
         import jax.numpy as jnp  # the device side; the engine itself stays host-only
 
         from dsv4_jax.checkpoint import load_checkpoint, load_tokenizer
-        from dsv4_jax.kv_accounting import kv_bytes
-        from dsv4_jax.kv_cache import KVFormat
-        from dsv4_jax.model import ModelOptions
+        from dsv4_jax.model.accounting import kv_bytes
+        from dsv4_jax.model.state import KVFormat
+        from dsv4_jax.model.transformer import ModelOptions
 
         config = make_config(profile, swa_strategy, **engine_args)
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
         shards = 1
         if mesh is not None:  # params restored straight into their shards; pools split per sequence shard
-            from dsv4_jax.sharding import DEFAULT_RULES, Layout
+            from dsv4_jax.parallel.rules import DEFAULT_RULES, Layout
 
             shards = Layout.create(mesh, DEFAULT_RULES).num_seq_shards
         cfg, params = load_checkpoint(checkpoint_dir, getattr(jnp, dtype), mesh=mesh)
         self.qat = cfg.qat_trained if qat is None else bool(qat)
-        config = dataclasses.replace(config, kv_format=resolve_kv_format(config.kv_format, self.qat, allow_lossy_kv))
+        config = dataclasses.replace(
+            config, kv_format=resolve_kv_format(config.kv_format, self.qat, allow_lossy_kv)
+        )
         tokenizer = load_tokenizer(checkpoint_dir, cfg)
         for r in sorted({r for r in cfg.compress_ratios if r}):
             if config.block_tokens % r:
@@ -100,18 +110,28 @@ class LLM:
                     f"block_tokens={config.block_tokens} must be a multiple of compress ratio {r}"
                 )
         acc = kv_bytes(cfg, KVFormat.parse(config.kv_format))
-        pools = plan_pools(config, acc.bytes_per_token, acc.fixed_bytes_per_seq, cfg.max_position_embeddings, shards)
+        pools = plan_pools(
+            config, acc.bytes_per_token, acc.fixed_bytes_per_seq, cfg.max_position_embeddings, shards
+        )
 
-        from dsv4_jax.engine.model_runner import JaxModelRunner
+        from dsv4_jax.engine.runner.model_runner import JaxModelRunner
 
         runner = JaxModelRunner(
-            cfg, params, num_slots=pools.num_slots, num_blocks=pools.num_blocks,
-            block_tokens=config.block_tokens, max_blocks_per_seq=pools.max_blocks_per_seq,
-            num_snapshots=pools.num_snapshots, max_batch=config.max_batch,
-            max_tokens_per_step=config.max_tokens_per_step, kv_format=config.kv_format,
-            eos_token_id=cfg.eos_token_id, mesh=mesh, lookahead=config.decode_lookahead,
+            cfg,
+            params,
+            num_slots=pools.num_slots,
+            num_blocks=pools.num_blocks,
+            block_tokens=config.block_tokens,
+            max_blocks_per_seq=pools.max_blocks_per_seq,
+            num_snapshots=pools.num_snapshots,
+            max_batch=config.max_batch,
+            max_tokens_per_step=config.max_tokens_per_step,
+            kv_format=config.kv_format,
+            eos_token_id=cfg.eos_token_id,
+            mesh=mesh,
+            lookahead=config.decode_lookahead,
             opts=ModelOptions(sim_quant=self.qat),
-        )  # fmt: skip
+        )
         self.model_config = cfg
         self.pools: PoolPlan | None = pools
         self._init(LLMEngine(runner, config, tokenizer, max_model_len=pools.max_model_len))
@@ -127,11 +147,14 @@ class LLM:
     def _init(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self._queues: dict[str, collections.deque[StreamOutput]] = {}
+        self._queues: dict[str, collections.deque[RequestOutput]] = {}
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Output]:  # fmt: skip
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Output]:
         """Run every prompt to completion (batched together); outputs in prompt order."""
         if isinstance(prompts, str) or (len(prompts) and _is_token_list(prompts)):
             prompts = [prompts]
@@ -145,18 +168,24 @@ class LLM:
         try:
             for p, sp in zip(prompts, params):
                 ids.append(self.engine.add_request(p, sp))
-            while any(not self.engine.get_request(r).finished for r in ids):
+                self._queues[ids[-1]] = collections.deque()
+            queues = [self._queues[r] for r in ids]
+            while not all(q and q[-1].finished for q in queues):
                 self._pump()
         except BaseException:
             for r in ids:
                 self.engine.abort(r)
                 self.engine.release(r)
             raise
-        return [self._output(self.engine.release(r)) for r in ids]
+        finally:
+            for r in ids:
+                self._queues.pop(r, None)
+        return [self._output(self.engine.release(r), q) for r, q in zip(ids, queues)]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamOutput]:
-        """Yield deltas as the request generates. Other requests in the engine (other streams,
-        ``generate`` calls) progress too. Closing the generator early aborts the request."""
+        """Yield the engine's outputs as the request generates. Other requests in the engine
+        (other streams, ``generate`` calls) progress too. Closing the generator early aborts
+        the request."""
         rid = self.engine.add_request(prompt, params)
         q = self._queues[rid] = collections.deque()
         try:
@@ -173,17 +202,27 @@ class LLM:
             self.engine.release(rid)
 
     def _pump(self) -> None:
+        """One engine step; each output goes to the queue of the call waiting for it."""
         for o in self.engine.step():
             q = self._queues.get(o.request_id)
             if q is not None:
-                q.append(StreamOutput(o.request_id, o.new_token_ids, o.new_text, o.finished, o.finish_reason))
+                q.append(o)
 
     @staticmethod
-    def _output(req) -> Output:
+    def _output(req, outs: Sequence[RequestOutput]) -> Output:
+        """A finished request's outputs, concatenated (the prompt from its released request)."""
+        last = outs[-1]
         return Output(
-            req.request_id, req.prompt, list(req.prompt_token_ids), list(req.output_token_ids), req.output_text,
-            req.finish_reason.value if req.finish_reason else None, req.stop_reason, req.logprobs, req.metrics,
-        )  # fmt: skip
+            request_id=last.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=list(req.prompt_token_ids),
+            token_ids=[t for o in outs for t in o.token_ids],
+            text="".join(o.text for o in outs),
+            finish_reason=last.finish_reason,
+            stop_reason=last.stop_reason,
+            logprobs=None if last.logprobs is None else [x for o in outs for x in o.logprobs],
+            metrics=last.metrics,
+        )
 
     def stats(self) -> dict:
         return self.engine.stats()

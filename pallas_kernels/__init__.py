@@ -9,12 +9,14 @@ data arguments (``*_reference``: the spec, and the CPU path):
   gate/up fused with the clamped SwiGLU (§6, §8).
 
 ``kv_format`` holds the row formats of the decode state and their codecs, ``mxfp4`` the
-MXFP4 codec. Kernels lower to Triton on GPU and run in interpret mode on CPU
-(``interpret=None`` decides by backend, or ``KERNEL_INTERPRET=1``). This package imports
+MXFP4 codec; ``impl`` the one switch between the kernels and the references that the
+model calls (``Impl``). Kernels lower to Triton on GPU and run in interpret mode on CPU
+(``interpret=None`` decides by backend). This package imports
 only jax and numpy; docs/KERNELS.md has the design and the integration notes.
 """
 
 from pallas_kernels import kv_format, mxfp4
+from pallas_kernels.impl import REFERENCE, Impl, implementation
 from pallas_kernels.indexer_topk.kernel import indexer_topk
 from pallas_kernels.indexer_topk.reference import indexer_topk_reference
 from pallas_kernels.mxfp4_matmul.kernel import moe_experts, mxfp4_grouped_matmul, mxfp4_swiglu
@@ -27,6 +29,9 @@ from pallas_kernels.sparse_attention.kernel import sparse_attention
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 
 __all__ = [
+    "REFERENCE",
+    "Impl",
+    "implementation",
     "indexer_topk",
     "indexer_topk_reference",
     "kv_format",

@@ -11,7 +11,6 @@ jax 0.10.2 default GPU backend is Mosaic GPU (TOOLCHAIN.md §4, "default backend
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -42,10 +41,11 @@ def pow2_pieces(n: int) -> list[int]:
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
-    """``None`` means: interpret on a CPU backend or when ``KERNEL_INTERPRET=1`` (TOOLCHAIN.md §11)."""
+    """``None`` means: interpret on a CPU backend (TOOLCHAIN.md §11). The model passes its own
+    choice (``ModelOptions.interpret``); nothing is read from the environment."""
     if interpret is not None:
         return bool(interpret)
-    return os.environ.get("KERNEL_INTERPRET", "") == "1" or jax.default_backend() == "cpu"
+    return jax.default_backend() == "cpu"
 
 
 def call(

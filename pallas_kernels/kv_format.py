@@ -27,7 +27,7 @@ slices, gathers and scatters all of its arrays together (see :func:`write_rows`)
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ from pallas_kernels import mxfp4
 F32 = jnp.float32
 KV_SCALE_BLOCK = 64  # nope dims per UE8M0 scale in "fp8_ds_mla"
 FP8_MAX = 448.0
-_FP8_MIN_AMAX = 1e-4  # as dsv4_jax.ops.fp8_sim
+_FP8_MIN_AMAX = 1e-4  # as dsv4_jax.model.ops.fp8_sim
 
 
 class Fp8Rows(NamedTuple):
@@ -83,8 +83,8 @@ class Fp4IndexerKeys(NamedTuple):
         return (*self.packed.shape[:-1], 2 * self.packed.shape[-1])
 
 
-KvRows = Union[jax.Array, Fp8Rows]
-IndexerKeys = Union[jax.Array, Fp8IndexerKeys, Fp4IndexerKeys]
+KvRows = jax.Array | Fp8Rows
+IndexerKeys = jax.Array | Fp8IndexerKeys | Fp4IndexerKeys
 
 
 # --------------------------------------------------------------------------- byte accounting
@@ -238,6 +238,41 @@ def write_rows(pool, index, values: jax.Array):
     return jax.tree.map(lambda p, v: p.at[index].set(v.astype(p.dtype)), pool, enc)
 
 
+def _view(a, dtype):
+    """``a`` with its bits read as ``dtype`` (arrays, tracers or ShapeDtypeStructs)."""
+    if a is None or a.dtype == jnp.dtype(dtype):
+        return a
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(a.shape, dtype)
+    return jax.lax.bitcast_convert_type(a, dtype)
+
+
+def logical(rows):
+    """A row container with its float dtypes.
+
+    Pools at rest may hold bf16 leaves as their bits (uint16) and e4m3 leaves as uint8: the
+    serving state does (``dsv4_jax.model.state.stored``), because XLA:CPU copies a whole array
+    to bitcast it. Readers gather rows first and view only those (``read_rows``); the kernels
+    view whole pools at entry (a free reinterpretation on GPU)."""
+    e4m3, bf16 = jnp.float8_e4m3fn, jnp.bfloat16
+    if rows is None:
+        return None
+    if isinstance(rows, Fp8Rows):
+        return Fp8Rows(_view(rows.nope, e4m3), _view(rows.rope, bf16), rows.scale)
+    if isinstance(rows, Fp8IndexerKeys):
+        return Fp8IndexerKeys(_view(rows.values, e4m3), rows.scale)
+    if isinstance(rows, Fp4IndexerKeys):
+        return rows
+    return jax.tree.map(lambda a: _view(a, bf16) if a.dtype == jnp.uint16 else a, rows)
+
+
+def logical_shapes(rows):
+    """Shapes and float dtypes of ``rows`` (for validators), whatever form they are held in."""
+    sds = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), rows)
+    return logical(sds)
+
+
 def read_rows(pool, index):
-    """``pool[index]`` for every leaf, in the pool's own format."""
-    return jax.tree.map(lambda p: p[index], pool)
+    """``pool[index]`` for every leaf, gathered in the pool's own form, then viewed in its
+    float dtypes (only the gathered rows are reinterpreted)."""
+    return logical(jax.tree.map(lambda p: p[index], pool))

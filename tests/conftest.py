@@ -10,12 +10,15 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
-for flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
-             "--xla_llvm_disable_expensive_passes=true"):
+for flag in (
+    "--xla_force_host_platform_device_count=8",
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+):
     if flag.split("=")[0] not in flags:
         flags = (flags + " " + flag).strip()
 os.environ["XLA_FLAGS"] = flags
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -6,19 +6,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax import kv_cache as kvc
-from dsv4_jax.model import ModelOptions, forward
+from dsv4_jax.model import state as kvc
+from dsv4_jax.model.transformer import ModelOptions, forward
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def step_fn(cfg, cc, opts=ModelOptions()):
     """jit(forward) over the state, state donated (the runner's contract)."""
-    return jax.jit(lambda p, t, q, s, m: forward(p, t, q, s, m, cfg=cfg, opts=opts, cache=cc), donate_argnums=(3,))
+    return jax.jit(
+        lambda p, t, q, s, m: forward(p, t, q, s, m, cfg=cfg, opts=opts, cache=cc), donate_argnums=(3,)
+    )
 
 
 def cache(cfg, fmt="bf16", slots=4, blocks=24, max_blocks=6, block_tokens=128, dtype=jnp.float32):
-    return kvc.CacheConfig(num_slots=slots, num_blocks=blocks, max_blocks_per_seq=max_blocks,
-                           block_tokens=block_tokens, fmt=kvc.KVFormat.parse(fmt), dtype=dtype)
+    return kvc.CacheConfig(
+        num_slots=slots,
+        num_blocks=blocks,
+        max_blocks_per_seq=max_blocks,
+        block_tokens=block_tokens,
+        fmt=kvc.KVFormat.parse(fmt),
+        dtype=dtype,
+    )
 
 
 def block_table(ids, max_blocks):

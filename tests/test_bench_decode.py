@@ -1,28 +1,33 @@
-"""scripts/bench_decode.py end to end at tiny sizes: builds a checkpoint in the published
-format, runs our engine and the HF port on it, and writes valid JSON with every figure."""
+"""scripts/bench_decode.py (``dsv4_jax.bench.decode``) end to end at tiny sizes: builds a
+checkpoint in the published format, runs our engine and the HF port on it, and writes valid
+JSON with every figure."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "scripts" / "bench_decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from dsv4_jax.bench import decode as bench
 
 
 def test_bench_decode_tiny_writes_json(tmp_path, capsys):
-    bench = _load()
     ckpt = bench.build_checkpoint(str(tmp_path / "ckpt"), "tiny")
     assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
     out = tmp_path / "bench.json"
-    bench.main(["--checkpoint", ckpt, "--batches", "1,2", "--prompt-len", "16", "--new-tokens", "4",
-                "--bandwidth-mib", "16", "--json", "--out", str(out)])
+    argv = [
+        "--checkpoint",
+        ckpt,
+        "--batches",
+        "1,2",
+        "--prompt-len",
+        "16",
+        "--new-tokens",
+        "4",
+        "--bandwidth-mib",
+        "16",
+        "--json",
+        "--out",
+        str(out),
+    ]
+    assert bench.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     res = json.loads(out.read_text())
     assert printed == res

@@ -68,8 +68,11 @@ def runs(tmp_path_factory):
 
 
 def _cat(rows):
-    return nm.Rows(np.concatenate([r.logits for r in rows]), np.concatenate([r.valid for r in rows]),
-                   np.concatenate([r.tokens for r in rows]))  # fmt: skip
+    return nm.Rows(
+        np.concatenate([r.logits for r in rows]),
+        np.concatenate([r.valid for r in rows]),
+        np.concatenate([r.tokens for r in rows]),
+    )
 
 
 def test_bf16_drifts_no_more_than_the_hf_ports_bf16(runs):
@@ -85,8 +88,11 @@ def test_bf16_keeps_every_continuation_the_hf_ports_bf16_keeps(runs):
     robust = (hf16.tokens == ref.tokens).all(1)
     res = nm.greedy_agreement(ref, ours, robust)
     assert res["robust_prompts"] >= 32  # the filter keeps enough prompts for the check to mean something
-    bad = [(i, g) for i, (g, ok) in enumerate(zip(res["divergence_gaps"], robust))
-           if ok and g is not None and g > nm.GAP_TOLERANCE]  # fmt: skip
+    bad = [
+        (i, g)
+        for i, (g, ok) in enumerate(zip(res["divergence_gaps"], robust))
+        if ok and g is not None and g > nm.GAP_TOLERANCE
+    ]
     assert not bad, f"diverged where HF's bf16 did not, gaps above {nm.GAP_TOLERANCE}: {bad}"
 
 

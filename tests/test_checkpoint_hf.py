@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from dsv4_jax.bench.hf_port import hf_logits, hf_state_dict
 from test_parity import assert_close, assert_no_topk_boundary_ties
 from transformers import AutoTokenizer, DeepseekV4ForCausalLM
 
+from dsv4_jax.bench.hf_port import hf_logits, hf_state_dict
 from dsv4_jax.checkpoint import load_checkpoint, load_tokenizer
-from dsv4_jax.model import forward
+from dsv4_jax.model.transformer import forward
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "demo")
 

@@ -9,7 +9,6 @@ restart after an interruption.
 
 import filecmp
 import functools
-import importlib.util
 import json
 import os
 import shutil
@@ -20,22 +19,16 @@ import numpy as np
 import pytest
 
 from dsv4_jax.checkpoint import CheckpointError, SafetensorsLoader, convert, load_checkpoint, load_tokenizer
+from dsv4_jax.checkpoint import convert_cli as convert_checkpoint
+from dsv4_jax.checkpoint import demo as make_demo_checkpoint
 from dsv4_jax.checkpoint.orbax_io import MANIFEST, PARAMS
 from dsv4_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
-from dsv4_jax.model import mtp_forward
-from dsv4_jax.params import ArrayInfo, param_infos
+from dsv4_jax.model.params import ArrayInfo, param_infos, to_native
+from dsv4_jax.model.transformer import mtp_forward
 from dsv4_jax.quant import QuantizedWeight, dequantize_tree, is_quantized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "checkpoints", "demo")
-
-
-def script(name: str):
-    """Import ``scripts/<name>.py`` as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def mesh(shape, names):
@@ -87,7 +80,7 @@ def test_demo_is_in_the_published_format():
 def test_loaded_tree_matches_param_infos(dtype):
     cfg, params = demo(dtype)
     infos = param_infos(cfg, dtype)
-    got = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+    got = jax.tree.map(lambda x: (x.shape, x.dtype), to_native(params))
     want = jax.tree.map(
         lambda a: (a.shape, jnp.dtype(a.dtype)), infos, is_leaf=lambda x: isinstance(x, ArrayInfo)
     )
@@ -114,17 +107,18 @@ def test_tid2eid_is_int32_with_distinct_experts():
 def test_packed_storage_stacks_experts_in_order():
     _, packed = load_checkpoint(DEMO, jnp.float32, storage="packed")
     ck = SafetensorsCheckpoint(DEMO)
-    w2 = packed["layers"][1]["ffn"]["experts"]["w2"]["weight"]
+    native = to_native(packed)  # the checkpoint's names: lists of layers, plain values
+    w2 = native["layers"][1]["ffn"]["experts"]["w2"]["weight"]
     assert isinstance(w2, QuantizedWeight) and w2.fmt == "mxfp4" and w2.shape == (8, 256, 128)
     for j in (0, 5):
         np.testing.assert_array_equal(
             np.asarray(w2.data[j]), ck.read(f"layers.1.ffn.experts.{j}.w2.weight").view(np.uint8)
         )
         np.testing.assert_array_equal(np.asarray(w2.scale[j]), ck.read(f"layers.1.ffn.experts.{j}.w2.scale"))
-    wq = packed["layers"][0]["attn"]["wq_a"]["weight"]
+    wq = native["layers"][0]["attn"]["wq_a"]["weight"]
     assert wq.fmt == "fp8" and wq.block == (128, 128) and wq.scale.shape == (1, 2)
     assert not is_quantized(
-        packed["layers"][1]["attn"]["compressor"]["wkv"]["weight"]
+        native["layers"][1]["attn"]["compressor"]["wkv"]["weight"]
     )  # BF16 in the checkpoint
     assert_trees_equal(dequantize_tree(packed, jnp.float32), demo()[1])
 
@@ -145,7 +139,7 @@ def test_loaded_mtp_block_runs():
 def test_sharded_load_places_leaves_by_logical_axes():
     m = mesh((2, 4), ("expert", "tensor"))
     _, params = load_checkpoint(DEMO, jnp.float32, mesh=m)
-    w1 = params["layers"][1]["ffn"]["experts"]["w1"]["weight"]
+    w1 = to_native(params)["layers"][1]["ffn"]["experts"]["w1"]["weight"]
     assert w1.sharding.spec == jax.sharding.PartitionSpec("expert", "tensor", None)
     assert len(w1.sharding.device_set) == 8
     assert_trees_equal(params, demo()[1])
@@ -166,12 +160,12 @@ def test_orbax_round_trip_onto_another_mesh(packed_orbax):
     cfg, params = load_checkpoint(packed_orbax, jnp.float32, mesh=mb)
     assert cfg == demo()[0]
     assert_trees_equal(params, demo()[1])
-    w1 = params["layers"][1]["ffn"]["experts"]["w1"]["weight"]
+    w1 = to_native(params)["layers"][1]["ffn"]["experts"]["w1"]["weight"]
     assert w1.sharding.mesh.shape == mb.shape and w1.sharding.spec == jax.sharding.PartitionSpec(
         "expert", "tensor", None
     )
     _, packed = load_checkpoint(packed_orbax, jnp.float32, storage="packed", mesh=mb)
-    assert isinstance(packed["layers"][2]["ffn"]["experts"]["w3"]["weight"], QuantizedWeight)
+    assert isinstance(to_native(packed)["layers"][2]["ffn"]["experts"]["w3"]["weight"], QuantizedWeight)
     assert_trees_equal(packed, load_checkpoint(DEMO, jnp.float32, storage="packed")[1])
 
 
@@ -240,7 +234,7 @@ def test_orbax_manifest_guards(tmp_path, packed_orbax):
 
 
 def test_convert_script(tmp_path, capsys):
-    convert_checkpoint = script("convert_checkpoint")
+    """``scripts/convert_checkpoint.py`` (``checkpoint.convert_cli``): resumes, reports, refuses."""
     dst = str(tmp_path / "cli")
     assert (
         convert_checkpoint.main([DEMO, dst, "--storage", "bfloat16", "--max-chunks", "1", "--no-progress"])
@@ -256,9 +250,8 @@ def test_convert_script(tmp_path, capsys):
 
 def test_demo_is_what_the_writer_makes_of_its_trained_weights(tmp_path):
     """The committed demo holds the weights ``scripts/train_demo.py`` trained: writing them back with
-    ``make_demo_checkpoint.build`` gives the same files (config, index, tokenizer byte for byte; every
+    ``checkpoint.demo.build`` gives the same files (config, index, tokenizer byte for byte; every
     tensor's value exactly)."""
-    make_demo_checkpoint = script("make_demo_checkpoint")
     cfg, params = load_checkpoint(DEMO, jnp.float32)
     make_demo_checkpoint.build(
         str(tmp_path), cfg, jax.tree.map(np.asarray, params), load_tokenizer(DEMO, cfg)
@@ -275,7 +268,6 @@ def test_demo_is_what_the_writer_makes_of_its_trained_weights(tmp_path):
 
 def test_random_build_is_deterministic(tmp_path):
     """Without trained weights the script writes seeded random ones, the same bytes every run."""
-    make_demo_checkpoint = script("make_demo_checkpoint")
     make_demo_checkpoint.build(str(tmp_path / "a"))
     make_demo_checkpoint.build(str(tmp_path / "b"))
     names = sorted(os.listdir(tmp_path / "a"))

@@ -4,13 +4,20 @@ import json
 
 import pytest
 
-from dsv4_jax.config import Config, ConfigError, PRESETS, preset, yarn_correction_range
+from dsv4_jax.config import PRESETS, Config, ConfigError, preset, yarn_correction_range
+from dsv4_jax.model.params import count_params
 
 
 def test_flash_preset_is_the_shipped_config():
     c = preset("flash")
     assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads) == (129280, 4096, 43, 64)
-    assert (c.head_dim, c.qk_rope_head_dim, c.q_lora_rank, c.o_groups, c.o_lora_rank) == (512, 64, 1024, 8, 1024)
+    assert (c.head_dim, c.qk_rope_head_dim, c.q_lora_rank, c.o_groups, c.o_lora_rank) == (
+        512,
+        64,
+        1024,
+        8,
+        1024,
+    )
     assert (c.index_n_heads, c.index_head_dim, c.index_topk, c.sliding_window) == (64, 128, 512, 128)
     assert (c.n_routed_experts, c.num_experts_per_tok, c.moe_intermediate_size) == (256, 6, 2048)
     assert (c.routed_scaling_factor, c.num_hash_layers, c.swiglu_limit) == (1.5, 3, 10.0)
@@ -34,10 +41,10 @@ def test_pro_preset_is_the_shipped_config():
 
 def test_parameter_counts():
     flash, pro = preset("flash"), preset("pro")
-    assert round(flash.num_params() / 1e9, 2) == 284.33  # ARCHITECTURE.md §0
-    assert round((flash.num_params(include_mtp=True) - flash.num_params()) / 1e9, 2) == 6.61
-    assert abs(pro.num_params() / 1e9 - 1573) < 0.5
-    assert abs(pro.num_params(include_mtp=True) / 1e9 - 1599) < 0.5
+    assert round(count_params(flash) / 1e9, 2) == 284.33  # ARCHITECTURE.md §0
+    assert round((count_params(flash, include_mtp=True) - count_params(flash)) / 1e9, 2) == 6.61
+    assert abs(count_params(pro) / 1e9 - 1573) < 0.5
+    assert abs(count_params(pro, include_mtp=True) / 1e9 - 1599) < 0.5
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if n.startswith("tiny")])
@@ -55,10 +62,21 @@ def test_tiny_family_covers_swa_only_layers():
 def _real_flash_json() -> dict:
     """A config.json in the published form, including keys we do not model."""
     d = preset("flash").to_dict()
-    d.update(torch_dtype="bfloat16", hc_sinkhorn_iters=20, num_key_value_heads=1,
-             rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
-                           "beta_fast": 32, "beta_slow": 1},
-             eos_token_id=1, attention_bias=False, first_k_dense_replace=None)
+    d.update(
+        torch_dtype="bfloat16",
+        hc_sinkhorn_iters=20,
+        num_key_value_heads=1,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 16,
+            "original_max_position_embeddings": 65536,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+        eos_token_id=1,
+        attention_bias=False,
+        first_k_dense_replace=None,
+    )
     return d
 
 

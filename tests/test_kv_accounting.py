@@ -1,5 +1,6 @@
 """KV-state accounting (ARCHITECTURE.md §10.2) and the bytes the pools really allocate."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -9,19 +10,22 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dsv4_jax import kv_cache as kvc
 from dsv4_jax.config import preset
-from dsv4_jax.kv_accounting import kv_bytes, mtp_window_bytes
+from dsv4_jax.model import state as kvc
+from dsv4_jax.model.accounting import kv_bytes, mtp_window_bytes
 
 
 @pytest.mark.parametrize(
     "name, fmt, per_token",
     [
-        ("flash", "bf16", 6880), ("pro", "bf16", 9848),
-        ("flash", "fp8", 3850.25), ("pro", "fp8", 5511.4375),
-        ("flash", "fp8-fp4", 3514.25), ("pro", "fp8-fp4", 5031.4375),
+        ("flash", "bf16", 6880),
+        ("pro", "bf16", 9848),
+        ("flash", "fp8", 3850.25),
+        ("pro", "fp8", 5511.4375),
+        ("flash", "fp8-fp4", 3514.25),
+        ("pro", "fp8-fp4", 5031.4375),
     ],
-)  # fmt: skip
+)
 def test_bytes_per_token_reproduce_section_10_2(name, fmt, per_token):
     assert kv_bytes(preset(name), kvc.KVFormat.parse(fmt)).bytes_per_token == per_token
 
@@ -39,10 +43,11 @@ def _allocated(cfg, cc):
     """Bytes of every state leaf by kind, from shapes alone (nothing is allocated)."""
     shapes = jax.eval_shape(lambda: kvc.init_state(cfg, cc))
     out = {"pool": 0, "fixed": 0}
-    for layer in shapes["layers"]:
-        for key, store in layer.items():
+    for layer in shapes.layers:
+        for field in dataclasses.fields(layer):
+            store = getattr(layer, field.name)
             n = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(store))
-            out["pool" if key in ("cmp", "idx") else "fixed"] += n
+            out["pool" if field.name in ("cmp", "idx") else "fixed"] += n
     return out
 
 
@@ -52,8 +57,14 @@ def test_pools_allocate_what_the_accounting_says(name, fmt):
     cfg = preset(name)
     context = 100_003
     bt = 256
-    cc = kvc.CacheConfig(num_slots=1, num_blocks=math.ceil(context / bt), max_blocks_per_seq=math.ceil(context / bt),
-                         block_tokens=bt, fmt=kvc.KVFormat.parse(fmt), dtype=jnp.bfloat16)
+    cc = kvc.CacheConfig(
+        num_slots=1,
+        num_blocks=math.ceil(context / bt),
+        max_blocks_per_seq=math.ceil(context / bt),
+        block_tokens=bt,
+        fmt=kvc.KVFormat.parse(fmt),
+        dtype=jnp.bfloat16,
+    )
     acc = kv_bytes(cfg, cc.fmt)
     got = _allocated(cfg, cc)
     assert got["fixed"] == acc.fixed_bytes_per_seq
@@ -63,11 +74,16 @@ def test_pools_allocate_what_the_accounting_says(name, fmt):
 
 
 def test_kv_table_script_json():
-    out = subprocess.run([sys.executable, "scripts/kv_table.py", "--json", "--presets", "flash,pro"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "scripts/kv_table.py", "--json", "--presets", "flash,pro"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = json.loads(out.stdout)
-    assert {(r["preset"], r["format"]) for r in rows} == {(p, f) for p in ("flash", "pro")
-                                                         for f in ("bf16", "fp8", "fp8-fp4")}
+    assert {(r["preset"], r["format"]) for r in rows} == {
+        (p, f) for p in ("flash", "pro") for f in ("bf16", "fp8", "fp8-fp4")
+    }
     for r in rows:
         assert {"preset", "format", "bytes_per_token", "per_kind", "fixed_bytes_per_seq"} <= set(r)
         assert math.isclose(sum(r["per_kind"].values()), r["bytes_per_token"])
@@ -88,12 +104,13 @@ def test_bad_formats_and_caches_are_named():
 def test_state_leaves_carry_logical_axes():
     from jax.sharding import PartitionSpec
 
-    from dsv4_jax.sharding import DEFAULT_RULES, is_axes, tree_shardings
+    from dsv4_jax.parallel.rules import DEFAULT_RULES, is_axes, tree_shardings
 
     cfg = preset("tiny")
     for fmt in ("bf16", "fp8-fp4"):
-        cc = kvc.CacheConfig(num_slots=8, num_blocks=8, max_blocks_per_seq=2, block_tokens=32,
-                             fmt=kvc.KVFormat.parse(fmt))
+        cc = kvc.CacheConfig(
+            num_slots=8, num_blocks=8, max_blocks_per_seq=2, block_tokens=32, fmt=kvc.KVFormat.parse(fmt)
+        )
         state = kvc.init_state(cfg, cc)
         axes = kvc.state_axes(state)
         flat_state = jax.tree.leaves(state)
@@ -104,4 +121,6 @@ def test_state_leaves_carry_logical_axes():
         mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         placed = jax.device_put(state, tree_shardings(axes, mesh))
         # sequences are data-parallel: every state leaf is split over its slot / block axis
-        assert all(x.sharding.spec == PartitionSpec("data", *[None] * (x.ndim - 1)) for x in jax.tree.leaves(placed))
+        assert all(
+            x.sharding.spec == PartitionSpec("data", *[None] * (x.ndim - 1)) for x in jax.tree.leaves(placed)
+        )

@@ -11,14 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-from dsv4_jax import attention, compressor, hyper_connections as hc, indexer, moe, ops
 from test_parity import setup
+
+from dsv4_jax.model import attention, compressor, indexer, moe, ops
+from dsv4_jax.model import mhc as hc
+from dsv4_jax.model.transformer import as_model
 
 LENGTH = 45  # crosses the window (16), 11 CSA entries, 5 HCA entries
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def captured():
     """Inputs and outputs of each hooked HF module, keyed by (layer, component)."""
     cfg, params, _, model = setup("tiny")
@@ -29,12 +31,18 @@ def captured():
     def hook(key):
         def fn(module, args, kwargs, out):
             rec[key] = (args, kwargs, out)
+
         return fn
 
     for i in (0, 1, 2):
         layer = model.model.layers[i]
-        mods = {"attn_norm": layer.input_layernorm, "mhc": layer.attn_hc, "attention": layer.self_attn,
-                "router": layer.mlp.gate, "moe": layer.mlp}
+        mods = {
+            "attn_norm": layer.input_layernorm,
+            "mhc": layer.attn_hc,
+            "attention": layer.self_attn,
+            "router": layer.mlp.gate,
+            "moe": layer.mlp,
+        }
         if layer.self_attn.compressor is not None:
             mods["compressor"] = layer.self_attn.compressor
             if hasattr(layer.self_attn.compressor, "indexer"):
@@ -49,8 +57,12 @@ def captured():
     finally:
         for h in hooks:
             h.remove()
-    assert cfg.layer_kinds[:3] == ("swa", "csa", "hca") and cfg.mlp_kind(1) == "hash" and cfg.mlp_kind(2) == "topk"
-    return cfg, params, tokens, rec
+    assert (
+        cfg.layer_kinds[:3] == ("swa", "csa", "hca")
+        and cfg.mlp_kind(1) == "hash"
+        and cfg.mlp_kind(2) == "topk"
+    )
+    return cfg, as_model(params, cfg), tokens, rec
 
 
 def j(t):
@@ -67,17 +79,17 @@ POS = np.broadcast_to(np.arange(LENGTH), (2, LENGTH))
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_rms_norm(layer):
-    cfg, params, _, rec = captured()
+    cfg, params, _, rec = captured()  # params: the merged model (nnx modules)
     (x,), _, out = rec[(layer, "attn_norm")]
-    close(ops.rms_norm(j(x), params["layers"][layer]["attn_norm"]["weight"], cfg.rms_norm_eps), out)
+    close(ops.rms_norm(j(x), params.layers[layer].attn_norm.weight[...], cfg.rms_norm_eps), out)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_mhc(layer):
     cfg, params, _, rec = captured()
     (x,), _, (post, comb, collapsed) = rec[(layer, "mhc")]
-    p = params["layers"][layer]
-    pre, mpost, mcomb = hc.hc_weights(j(x), p["hc_attn_fn"], p["hc_attn_base"], p["hc_attn_scale"], cfg)
+    m = params.layers[layer].hc_attn
+    pre, mpost, mcomb = hc.hc_weights(j(x), m.fn[...], m.base[...], m.scale[...], cfg)
     close(mpost, post)
     close(mcomb, comb)
     close(hc.collapse(j(x), pre), collapsed)
@@ -87,15 +99,16 @@ def test_mhc(layer):
 def test_compressor(layer):
     cfg, params, _, rec = captured()
     (x, *_), _, (entries, _) = rec[(layer, "compressor")]
-    got = compressor.compress_sequence(j(x), params["layers"][layer]["attn"]["compressor"],
-                                       cfg.compress_ratio(layer), cfg)
+    got = compressor.compress_sequence(
+        j(x), params.layers[layer].attn.compressor, cfg.compress_ratio(layer), cfg
+    )
     close(got, entries[:, 0])
 
 
 def _indexer_inputs(cfg, params, rec):
     (x, q_res, *_), _, _ = rec[(1, "indexer")]
-    ip = params["layers"][1]["attn"]["indexer"]
-    keys = compressor.compress_sequence(j(x), ip["compressor"], cfg.compress_ratio(1), cfg, indexer=True)
+    ip = params.layers[1].attn.indexer
+    keys = compressor.compress_sequence(j(x), ip.compressor, cfg.compress_ratio(1), cfg, indexer=True)
     return j(x), j(q_res), ip, keys
 
 
@@ -119,18 +132,19 @@ def test_indexer_topk_picks():
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_attention(layer):
     cfg, params, _, rec = captured()
-    (x,), kwargs, (out, _) = rec[(layer, "attention")]
-    got = attention.attention_sequence(j(x), jnp.asarray(POS), params["layers"][layer]["attn"], layer, cfg)
+    (x,), _, (out, _) = rec[(layer, "attention")]
+    got = attention.attention_sequence(j(x), jnp.asarray(POS), params.layers[layer].attn, layer, cfg)
     close(got, out)
 
 
 @pytest.mark.parametrize("layer", [1, 2])
 def test_router(layer):
     cfg, params, tokens, rec = captured()
-    args, kwargs, (_, weights, indices) = rec[(layer, "router")]
+    args, _, (_, weights, indices) = rec[(layer, "router")]
     x = j(args[0]).reshape(-1, cfg.hidden_size)
-    idx, w = moe.route(x, jnp.asarray(tokens.reshape(-1)), params["layers"][layer]["ffn"]["gate"], cfg,
-                       cfg.mlp_kind(layer) == "hash")
+    idx, w = moe.route(
+        x, jnp.asarray(tokens.reshape(-1)), params.layers[layer].ffn.gate, cfg, cfg.mlp_kind(layer) == "hash"
+    )
     # HF's top-k is unsorted: compare as expert -> weight maps per token
     got = np.zeros((x.shape[0], cfg.n_routed_experts))
     want = np.zeros_like(got)
@@ -143,15 +157,15 @@ def test_router(layer):
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_moe(layer):
     cfg, params, tokens, rec = captured()
-    args, kwargs, out = rec[(layer, "moe")]
-    got = moe.moe(j(args[0]), jnp.asarray(tokens), params["layers"][layer]["ffn"], layer, cfg)
+    args, _, out = rec[(layer, "moe")]
+    got = moe.moe(j(args[0]), jnp.asarray(tokens), params.layers[layer].ffn, layer, cfg)
     close(got, out)
 
 
 def test_hc_head():
     cfg, params, _, rec = captured()
     (x,), _, out = rec[(-1, "hc_head")]
-    close(hc.hc_head(j(x), params["hc_head_fn"], params["hc_head_base"], params["hc_head_scale"], cfg), out)
+    close(params.hc_head(j(x), cfg), out)
 
 
 @pytest.mark.parametrize("layer", [1, 2])
@@ -161,8 +175,8 @@ def test_moe_clamps_large_activations(layer):
     model = setup("tiny")[3]
     args, _, _ = rec[(layer, "moe")]
     x = args[0] * 30
-    p = params["layers"][layer]["ffn"]
-    gate_pre = np.asarray(ops.linear(j(x), p["shared_experts"]["w1"]["weight"]))
+    p = params.layers[layer].ffn
+    gate_pre = np.asarray(ops.linear(j(x), p.shared_experts.w1.weight))
     assert (gate_pre > cfg.swiglu_limit).mean() > 0.1  # the clamp is really exercised
     with torch.no_grad():
         want = model.model.layers[layer].mlp(x, input_ids=torch.from_numpy(tokens))
@@ -172,7 +186,7 @@ def test_moe_clamps_large_activations(layer):
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_block(layer):
     """A whole decoder block (mHC expand direction included) on the captured streams."""
-    from dsv4_jax.model import ModelOptions, block
+    from dsv4_jax.model.transformer import ModelOptions
 
     cfg, params, tokens, rec = captured()
     model = setup("tiny")[3]
@@ -185,5 +199,5 @@ def test_block(layer):
             model(input_ids=torch.from_numpy(tokens), use_cache=False)
     finally:
         h.remove()
-    got, _ = block(j(x), jnp.asarray(tokens), jnp.asarray(POS), params["layers"][layer], layer, cfg, ModelOptions())
+    got, _ = params.layers[layer](j(x), jnp.asarray(tokens), jnp.asarray(POS), cfg, ModelOptions())
     close(got, hooks["out"], atol=5e-5)

@@ -8,15 +8,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from dsv4_jax import init_params, moe, preset
-from dsv4_jax.runner_layout import RunnerLayout
+from dsv4_jax import init_params, preset
+from dsv4_jax.engine.runner.layout import RunnerLayout
+from dsv4_jax.model import moe
+from dsv4_jax.model.params import to_native
+from dsv4_jax.model.transformer import as_model
 
 CFG = preset("tiny")  # 8 experts, top-2
 
 
-def _experts(seed=1):
-    return init_params(CFG, jax.random.PRNGKey(seed))["layers"][3]["ffn"]["experts"]
+def _experts(seed=1) -> moe.Experts:
+    return as_model(init_params(CFG, jax.random.PRNGKey(seed)), CFG).layers[3].ffn.experts
+
+
+def _split(experts: moe.Experts) -> moe.Experts:
+    """The same experts held one array per expert (``moe.split_experts`` on their params)."""
+    graph, state = nnx.split(experts)
+    return nnx.merge(graph, moe.split_experts(nnx.State({"experts": state}))["experts"])
 
 
 def _inputs(n, seed, repeat=False):
@@ -32,7 +42,7 @@ def _inputs(n, seed, repeat=False):
 
 def _reference(x, idx, w, experts):
     """Σ_choices w · (swiglu(x W1ᵀ, x W3ᵀ) W2ᵀ), token by token, in float64."""
-    w1, w3, w2 = (np.asarray(experts[n]["weight"], np.float64) for n in ("w1", "w3", "w2"))
+    w1, w3, w2 = (np.asarray(getattr(experts, n).weight[...], np.float64) for n in ("w1", "w3", "w2"))
     x, idx, w = np.asarray(x, np.float64), np.asarray(idx), np.asarray(w, np.float64)
     lim = CFG.swiglu_limit
     out = np.zeros_like(x)
@@ -50,7 +60,7 @@ def _reference(x, idx, w, experts):
 def test_every_path_equals_the_per_token_loop(held, n):
     experts = _experts()
     x, idx, w = _inputs(n, seed=n, repeat=n == 16)
-    mine = experts if held == "stacked" else moe.split_experts({"experts": experts})["experts"]
+    mine = experts if held == "stacked" else _split(experts)
     got = moe.routed_experts(x, idx, w, mine, CFG)
     np.testing.assert_allclose(np.asarray(got), _reference(x, idx, w, experts), rtol=2e-5, atol=2e-5)
 
@@ -66,7 +76,7 @@ def test_grouped_ragged_path_equals_the_per_token_loop():
 @pytest.mark.parametrize("held", ["stacked", "split"])
 def test_paths_agree_under_the_qat_rounding(held):
     experts = _experts()
-    mine = experts if held == "stacked" else moe.split_experts({"experts": experts})["experts"]
+    mine = experts if held == "stacked" else _split(experts)
     x, idx, w = _inputs(16, seed=7)
     full = moe.routed_experts(x, idx, w, mine, CFG, sim_quant=True)  # every expert on every token
     few = moe.routed_experts(x[:2], idx[:2], w[:2], mine, CFG, sim_quant=True)  # per row
@@ -78,13 +88,16 @@ def test_paths_agree_under_the_qat_rounding(held):
 def test_split_experts_holds_each_expert_as_its_own_array():
     params = init_params(CFG, jax.random.PRNGKey(2))
     split = moe.split_experts(params)
-    for stacked, mine in zip(params["layers"] + params["mtp"], split["layers"] + split["mtp"]):
+    before, after = to_native(params), to_native(split)
+    for stacked, mine in zip(before["layers"] + before["mtp"], after["layers"] + after["mtp"]):
         for name in ("w1", "w3", "w2"):
             w = stacked["ffn"]["experts"][name]["weight"]
             parts = mine["ffn"]["experts"][name]["weight"]
             assert isinstance(parts, tuple) and len(parts) == CFG.n_routed_experts
             np.testing.assert_array_equal(np.stack([np.asarray(p) for p in parts]), np.asarray(w))
-        kept = zip(jax.tree.leaves(stacked["ffn"]["shared_experts"]), jax.tree.leaves(mine["ffn"]["shared_experts"]))
+        kept = zip(
+            jax.tree.leaves(stacked["ffn"]["shared_experts"]), jax.tree.leaves(mine["ffn"]["shared_experts"])
+        )
         assert all(a is b for a, b in kept)  # only the routed experts are split
     assert jax.tree.structure(moe.split_experts(split)) == jax.tree.structure(split)  # split stays split
 
@@ -94,7 +107,7 @@ def test_split_decode_rows_read_experts_in_place():
     it gathers (the copy the split layout exists to avoid)."""
     experts = _experts()
     x, idx, w = _inputs(1, seed=3)
-    split = moe.split_experts({"experts": experts})["experts"]
+    split = _split(experts)
     jaxpr = str(jax.make_jaxpr(lambda e: moe.routed_experts(x, idx, w, e, CFG))(split))
     assert "cond[" in jaxpr and "gather[" not in jaxpr.split("cond[")[1]
     assert "gather[" in str(jax.make_jaxpr(lambda e: moe.routed_experts(x, idx, w, e, CFG))(experts))
@@ -106,4 +119,4 @@ def test_runner_holds_experts_split_on_cpu_without_a_mesh():
     placed = RunnerLayout.__new__(RunnerLayout)
     placed.layout = None
     held = placed.place_params(params)
-    assert all(moe.is_split(blk["ffn"]["experts"]) for blk in held["layers"])
+    assert all(moe.is_split(blk.ffn.experts) for blk in as_model(held, CFG).layers)

@@ -1,17 +1,15 @@
 """Primitives of ARCHITECTURE.md §2 and §4 against hand-computed values and the HF port."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-from dsv4_jax import hyper_connections as hc
-from dsv4_jax import ops
-from dsv4_jax.config import preset
-from dsv4_jax.bench.hf_port import hf_config
-
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hfm
+
+from dsv4_jax.bench.hf_port import hf_config
+from dsv4_jax.config import preset
+from dsv4_jax.model import mhc as hc
+from dsv4_jax.model import ops
 
 
 def test_rms_norm_matches_formula():

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from dsv4_jax.config import preset
-from dsv4_jax.model import forward
-from dsv4_jax.params import init_params
 from dsv4_jax.bench.hf_port import hf_logits, hf_model
+from dsv4_jax.config import preset
+from dsv4_jax.model.params import init_params
+from dsv4_jax.model.transformer import forward
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup(name: str, seed: int = 0):
     cfg = preset(name)
     params = init_params(cfg, jax.random.PRNGKey(seed))
@@ -63,17 +63,24 @@ def assert_no_topk_boundary_ties(model, cfg, tokens):
             assert np.all(gap > 1e-5 * np.maximum(1.0, np.abs(v[:, 0]))), f"top-k tie at query {t}"
 
 
+# (config, tokens, seed of the random tokens). A seed whose scores tie at the indexer's top-k
+# boundary would let the two implementations legitimately pick different entries, so each
+# seed is one the tie guard below accepts under init_params(PRNGKey(0)) (300 tokens: seed 300
+# ties at query 234, 2e-6 apart).
 CASES = [
-    ("tiny", 41), ("tiny", 70),          # window 16, CSA 4, HCA 8, YaRN
-    ("tiny-pro", 37), ("tiny-pro", 100),  # Pro's pattern: HCA first, 3 hash layers
-    ("tiny-shipped", 60), ("tiny-shipped", 300),  # shipped ratios 4/128, window 128: > 2x128 tokens
-]  # fmt: skip
+    ("tiny", 41, 41),
+    ("tiny", 70, 70),  # window 16, CSA 4, HCA 8, YaRN
+    ("tiny-pro", 37, 37),
+    ("tiny-pro", 100, 100),  # Pro's pattern: HCA first, 3 hash layers
+    ("tiny-shipped", 60, 60),
+    ("tiny-shipped", 300, 301),  # shipped ratios 4/128, window 128: > 2x128 tokens
+]
 
 
-@pytest.mark.parametrize("name, length", CASES)
-def test_logits_match_hf(name, length):
+@pytest.mark.parametrize("name, length, seed", CASES)
+def test_logits_match_hf(name, length, seed):
     cfg, params, fwd, model = setup(name)
-    tokens = np.random.RandomState(length).randint(0, cfg.vocab_size, (2, length))
+    tokens = np.random.RandomState(seed).randint(0, cfg.vocab_size, (2, length))
     positions = np.broadcast_to(np.arange(length), tokens.shape)
     want = hf_logits(model, tokens)
     assert_close(fwd(params, tokens, positions), want)

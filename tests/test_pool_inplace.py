@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from dsv4_jax import init_params, preset
-from dsv4_jax import kv_cache as kvc
-from dsv4_jax.model import forward
+from dsv4_jax.model import state as kvc
+from dsv4_jax.model.transformer import forward
 
 NUM_BLOCKS = 37  # an odd size, so no other array of the model has it as its leading dim
 NUM_SLOTS = 11  # likewise for the slot stores
@@ -40,10 +40,18 @@ def _compiled_decode_step(fmt: str, batch: int) -> tuple[str, int]:
     switched on by the script tests) XLA:CPU crashed while compiling this step three runs in
     a row, and never when the file runs alone; a subprocess gives it the state it has alone."""
     here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import sys; sys.path.insert(0, {here!r}); import conftest, test_pool_inplace as t; "
-            f"hlo, n = t._compile_here({fmt!r}, {batch}); sys.stdout.write(str(n) + chr(10) + hlo)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"))  # fmt: skip
+    code = (
+        f"import sys; sys.path.insert(0, {here!r}); import conftest, test_pool_inplace as t; "
+        f"hlo, n = t._compile_here({fmt!r}, {batch}); sys.stdout.write(str(n) + chr(10) + hlo)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     n, hlo = out.stdout.split("\n", 1)
     return hlo, int(n)
@@ -52,13 +60,21 @@ def _compiled_decode_step(fmt: str, batch: int) -> tuple[str, int]:
 def _compile_here(fmt: str, batch: int) -> tuple[str, int]:
     cfg = preset("tiny")
     params = init_params(cfg, jax.random.PRNGKey(0))
-    cc = kvc.CacheConfig(num_slots=NUM_SLOTS, num_blocks=NUM_BLOCKS, max_blocks_per_seq=3, block_tokens=32,
-                         fmt=kvc.KVFormat.parse(fmt), dtype=jnp.bfloat16)
+    cc = kvc.CacheConfig(
+        num_slots=NUM_SLOTS,
+        num_blocks=NUM_BLOCKS,
+        max_blocks_per_seq=3,
+        block_tokens=32,
+        fmt=kvc.KVFormat.parse(fmt),
+        dtype=jnp.bfloat16,
+    )
     state = jax.eval_shape(lambda: kvc.init_state(cfg, cc))
-    step = jax.jit(lambda p, t, q, s, m: forward(p, t, q, s, m, cfg=cfg, cache=cc, last_only=True),
-                   donate_argnums=(3,))
-    meta = kvc.StepMeta(np.arange(batch, dtype=np.int32), np.zeros((batch, 3), np.int32),
-                        np.ones(batch, np.int32))
+    step = jax.jit(
+        lambda p, t, q, s, m: forward(p, t, q, s, m, cfg=cfg, cache=cc, last_only=True), donate_argnums=(3,)
+    )
+    meta = kvc.StepMeta(
+        np.arange(batch, dtype=np.int32), np.zeros((batch, 3), np.int32), np.ones(batch, np.int32)
+    )
     tok = np.zeros((batch, 1), np.int32)
     return step.lower(params, tok, tok, state, meta).compile().as_text(), len(jax.tree.leaves(state))
 
@@ -86,7 +102,7 @@ def test_decode_step_updates_pools_in_place(fmt, batch):
     assert len(aliased) == num_state_leaves, "every donated state leaf must alias an output"
 
     bodies = _fusion_bodies(hlo)
-    entry = hlo[hlo.index("\nENTRY"):]
+    entry = hlo[hlo.index("\nENTRY") :]
     pool_shape = re.compile(rf"= \w+\[({NUM_BLOCKS}|{NUM_SLOTS}),")
     bad = []
     for line in entry.splitlines():

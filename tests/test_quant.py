@@ -13,7 +13,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dsv4_jax import ops, quant
+from dsv4_jax import quant
+from dsv4_jax.model import ops
 from dsv4_jax.quant import QuantizedWeight
 
 

@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.engine.runner_api import SamplingParams
-from dsv4_jax.sampling import (
+from dsv4_jax.engine.runner.sampling import (
     SamplingArrays,
     apply_penalties,
     reset_rows,
@@ -23,6 +22,7 @@ from dsv4_jax.sampling import (
     sampling_arrays,
     update_counts,
 )
+from dsv4_jax.engine.sampling_params import SamplingParams
 
 V = 16
 N_DRAWS = 20_000

@@ -3,10 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from dsv4_jax import attention, compressor, ops
-from dsv4_jax.model import ModelOptions, forward
 from test_parity import setup
+
+from dsv4_jax.model import attention, compressor, ops
+from dsv4_jax.model.transformer import ModelOptions, forward
 
 
 def test_sim_quant_rounds_kv_and_indexer_onto_their_grids():

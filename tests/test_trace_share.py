@@ -1,17 +1,13 @@
-"""scripts/trace_share.py on a hand-made perfetto trace: the busy time is the union of the
-executor threads' intervals clipped to each step, host threads do not count."""
+"""scripts/trace_share.py (``dsv4_jax.bench.trace_share``) on a hand-made perfetto trace: the
+busy time is the union of the executor threads' intervals clipped to each step, host threads do
+not count."""
 
 import gzip
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("trace_share", ROOT / "scripts" / "trace_share.py")
-trace_share = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(trace_share)
+from dsv4_jax.bench import trace_share
 
 
 def x(name, tid, ts, dur):
@@ -39,11 +35,11 @@ def test_busy_share_is_the_clipped_union(tmp_path, capsys):
     d.mkdir(parents=True)
     with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": EVENTS}, f)
-    assert trace_share.main(["trace_share.py", str(tmp_path), "--json"]) == 0
+    assert trace_share.main([str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["share"] == pytest.approx(0.5)
 
 
 def test_a_directory_without_a_trace_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no perfetto_trace.json.gz"):
-        trace_share.main(["trace_share.py", str(tmp_path)])
+        trace_share.main([str(tmp_path)])

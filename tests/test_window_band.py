@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax import attention
+from dsv4_jax.model import attention
 
 
 def _case(t, window, seed=0):
@@ -29,8 +29,11 @@ def test_banded_equals_dense(t, window):
     assert seg.band == window and seg.mask.shape == (2, t, 2 * window)
 
     def run(q, kv, banded):
-        w = attention.window_segment(kv, pos, window) if banded else attention.Segment(
-            kv, attention.window_mask(pos, pos, window))
+        w = (
+            attention.window_segment(kv, pos, window)
+            if banded
+            else attention.Segment(kv, attention.window_mask(pos, pos, window))
+        )
         return attention.attend(q, [w, attention.Segment(extra, emask)], sink)
 
     dense, banded = run(q, kv, False), run(q, kv, True)
@@ -48,6 +51,6 @@ def test_banded_equals_dense(t, window):
 
 
 def test_short_sequences_stay_dense():
-    q, kv, extra, pos, emask, sink = _case(40, 16)
+    _, kv, _, pos, _, _ = _case(40, 16)
     seg = attention.window_segment(kv, pos, 16)
     assert seg.band == 0 and seg.mask.shape == (2, 40, 40)

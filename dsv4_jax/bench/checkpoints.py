@@ -16,8 +16,9 @@ import os
 import shutil
 
 from dsv4_jax.checkpoint import placement
+from dsv4_jax.checkpoint.demo import DEMO as DEMO_CONFIG
 from dsv4_jax.checkpoint.safetensors_writer import native_tensors, random_value, write_native
-from dsv4_jax.config import Config, YarnScaling
+from dsv4_jax.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "checkpoints", "demo")
@@ -26,41 +27,62 @@ EXTRA_CONFIG = {"torch_dtype": "bfloat16", "attention_bias": False, "attention_d
 
 # Mid size: 6 layers [SWA, CSA, HCA, CSA, HCA, SWA] + an SWA MTP block, hidden 1024,
 # 8 heads x 512, 16 routed experts (top-4) + 1 shared, vocab 32768. Tiny: the demo's widths.
+COMMON = {  # RoPE, scaling and weight formats: the published ones, as the demo
+    k: DEMO_CONFIG[k]
+    for k in (
+        "routed_scaling_factor",
+        "rope_theta",
+        "compress_rope_theta",
+        "rope_scaling",
+        "max_position_embeddings",
+        "weight_dtype",
+        "expert_dtype",
+    )
+}
+DEMO_SHAPE = {k: v for k, v in DEMO_CONFIG.items() if k not in COMMON}
 SIZES = {
     "mid": dict(
-        vocab_size=32768, hidden_size=1024, num_hidden_layers=6, num_attention_heads=8, head_dim=512,
-        qk_rope_head_dim=64, q_lora_rank=512, o_groups=4, o_lora_rank=256, sliding_window=128,
-        index_n_heads=16, index_head_dim=128, index_topk=512, compress_ratios=(0, 4, 128, 4, 128, 0, 0),
-        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, moe_intermediate_size=512,
+        vocab_size=32768,
+        hidden_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        head_dim=512,
+        qk_rope_head_dim=64,
+        q_lora_rank=512,
+        o_groups=4,
+        o_lora_rank=256,
+        sliding_window=128,
+        index_n_heads=16,
+        index_head_dim=128,
+        index_topk=512,
+        compress_ratios=(0, 4, 128, 4, 128, 0, 0),
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        moe_intermediate_size=512,
         num_hash_layers=2,
     ),
-    "tiny": dict(
-        vocab_size=1024, hidden_size=256, num_hidden_layers=3, num_attention_heads=4, head_dim=128,
-        qk_rope_head_dim=64, q_lora_rank=128, o_groups=2, o_lora_rank=128, sliding_window=128,
-        index_n_heads=16, index_head_dim=128, index_topk=16, compress_ratios=(0, 4, 128, 0),
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128,
-        num_hash_layers=2,
-    ),
+    "tiny": dict(DEMO_SHAPE),  # the demo's architecture
     # V4's decision regime at a few hundred tokens: the indexer keeps every entry (Flash's top-512
     # drops none below 2K tokens), 32 experts top-6, 3 hash layers; the demo's other widths.
-    "flashlike": dict(
-        vocab_size=1024, hidden_size=256, num_hidden_layers=5, num_attention_heads=4, head_dim=128,
-        qk_rope_head_dim=64, q_lora_rank=128, o_groups=2, o_lora_rank=128, sliding_window=128,
-        index_n_heads=16, index_head_dim=128, index_topk=128, compress_ratios=(0, 0, 4, 128, 4, 0),
-        n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=6, moe_intermediate_size=128,
-        num_hash_layers=3,
-    ),
-    "narrow": dict(
-        vocab_size=1024, hidden_size=256, num_hidden_layers=5, num_attention_heads=4, head_dim=128,
-        qk_rope_head_dim=64, q_lora_rank=128, o_groups=2, o_lora_rank=128, sliding_window=32,
-        index_n_heads=16, index_head_dim=128, index_topk=8, compress_ratios=(0, 4, 128, 4, 128, 0),
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128,
-        num_hash_layers=1,
-    ),
-}  # fmt: skip
-COMMON = dict(routed_scaling_factor=1.5, rope_theta=10000.0, compress_rope_theta=160000.0,
-              rope_scaling=YarnScaling(16.0, 65536, 32.0, 1.0), max_position_embeddings=65536,
-              weight_dtype="fp8", expert_dtype="fp4")  # fmt: skip
+    "flashlike": {
+        **DEMO_SHAPE,
+        "num_hidden_layers": 5,
+        "index_topk": 128,
+        "compress_ratios": (0, 0, 4, 128, 4, 0),
+        "n_routed_experts": 32,
+        "num_experts_per_tok": 6,
+        "num_hash_layers": 3,
+    },
+    "narrow": {
+        **DEMO_SHAPE,
+        "num_hidden_layers": 5,
+        "sliding_window": 32,
+        "index_topk": 8,
+        "compress_ratios": (0, 4, 128, 4, 128, 0),
+        "num_hash_layers": 1,
+    },
+}
 
 
 def size_config(size: str, **overrides) -> Config:
@@ -79,7 +101,9 @@ def build_random(out_dir: str, cfg: Config, seed: int = 0) -> str:
     tmp = out_dir + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     shards = [[k] for k in placement.chunk_keys(cfg, include_mtp=True)]
-    write_native(tmp, cfg, shards, lambda spec: native_tensors(spec, random_value(spec, cfg, seed)), EXTRA_CONFIG)
+    write_native(
+        tmp, cfg, shards, lambda spec: native_tensors(spec, random_value(spec, cfg, seed)), EXTRA_CONFIG
+    )
     for name in TOKENIZER_FILES:
         shutil.copy(os.path.join(DEMO, name), tmp)
     os.replace(tmp, out_dir)

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from flax import nnx
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 from dsv4_jax.config import Config
+from dsv4_jax.model.params import to_native
 
 torch.set_num_threads(2)
 
 
 def hf_config(cfg: Config) -> DeepseekV4Config:
     """Our config in HF's form: explicit layer types and compression rates."""
-    kinds = {"swa": "sliding_attention", "csa": "compressed_sparse_attention",
-             "hca": "heavily_compressed_attention"}
+    kinds = {
+        "swa": "sliding_attention",
+        "csa": "compressed_sparse_attention",
+        "hca": "heavily_compressed_attention",
+    }
     n = cfg.num_hidden_layers
     hca = sorted({cfg.compress_ratios[i] for i in range(n) if cfg.attn_kind(i) == "hca"})
     if len(hca) > 1:
@@ -28,26 +33,51 @@ def hf_config(cfg: Config) -> DeepseekV4Config:
     rope: dict = {"rope_type": "default"}
     if cfg.rope_scaling is not None:
         rs = cfg.rope_scaling
-        rope = {"rope_type": "yarn", "factor": rs.factor, "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow,
-                "original_max_position_embeddings": rs.original_max_position_embeddings}
+        rope = {
+            "rope_type": "yarn",
+            "factor": rs.factor,
+            "beta_fast": rs.beta_fast,
+            "beta_slow": rs.beta_slow,
+            "original_max_position_embeddings": rs.original_max_position_embeddings,
+        }
     hf = DeepseekV4Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_intermediate_size,
-        num_hidden_layers=n, num_attention_heads=cfg.num_attention_heads, num_key_value_heads=1,
-        head_dim=cfg.head_dim, q_lora_rank=cfg.q_lora_rank, num_experts_per_tok=cfg.num_experts_per_tok,
-        n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
-        routed_scaling_factor=cfg.routed_scaling_factor, max_position_embeddings=cfg.max_position_embeddings,
-        rope_theta=cfg.rope_theta, compress_rope_theta=cfg.compress_rope_theta,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        num_hidden_layers=n,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=1,
+        head_dim=cfg.head_dim,
+        q_lora_rank=cfg.q_lora_rank,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        n_routed_experts=cfg.n_routed_experts,
+        n_shared_experts=cfg.n_shared_experts,
+        routed_scaling_factor=cfg.routed_scaling_factor,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        compress_rope_theta=cfg.compress_rope_theta,
         layer_types=[kinds[cfg.attn_kind(i)] for i in range(n)],
-        compress_rates={"compressed_sparse_attention": cfg.compress_rate_csa,
-                        "heavily_compressed_attention": hca[0] if hca else 128},
+        compress_rates={
+            "compressed_sparse_attention": cfg.compress_rate_csa,
+            "heavily_compressed_attention": hca[0] if hca else 128,
+        },
         mlp_layer_types=["hash_moe" if cfg.mlp_kind(i) == "hash" else "moe" for i in range(n)],
-        hc_mult=cfg.hc_mult, hc_sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
-        swiglu_limit=cfg.swiglu_limit, sliding_window=cfg.sliding_window, o_groups=cfg.o_groups,
-        o_lora_rank=cfg.o_lora_rank, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
-        index_topk=cfg.index_topk, rms_norm_eps=cfg.rms_norm_eps,
-        partial_rotary_factor=cfg.qk_rope_head_dim / cfg.head_dim, rope_parameters=rope,
-        num_nextn_predict_layers=0, tie_word_embeddings=False,
-    )  # fmt: skip
+        hc_mult=cfg.hc_mult,
+        hc_sinkhorn_iters=cfg.hc_sinkhorn_iters,
+        hc_eps=cfg.hc_eps,
+        swiglu_limit=cfg.swiglu_limit,
+        sliding_window=cfg.sliding_window,
+        o_groups=cfg.o_groups,
+        o_lora_rank=cfg.o_lora_rank,
+        index_n_heads=cfg.index_n_heads,
+        index_head_dim=cfg.index_head_dim,
+        index_topk=cfg.index_topk,
+        rms_norm_eps=cfg.rms_norm_eps,
+        partial_rotary_factor=cfg.qk_rope_head_dim / cfg.head_dim,
+        rope_parameters=rope,
+        num_nextn_predict_layers=0,
+        tie_word_embeddings=False,
+    )
     hf._attn_implementation = "eager"
     hf._experts_implementation = "eager"
     return hf
@@ -75,9 +105,15 @@ def hf_layer_state_dict(lp: dict, pre: str) -> dict[str, torch.Tensor]:
             sd[f"{pre}.{theirs}.{part}"] = _t(lp[f"{ours}_{part}"])
     a = lp["attn"]
     at = f"{pre}.self_attn"
-    for ours, theirs in (("wq_a", "q_a_proj"), ("q_norm", "q_a_norm"), ("wq_b", "q_b_proj"),
-                         ("wkv", "kv_proj"), ("kv_norm", "kv_norm"), ("wo_a", "o_a_proj"),
-                         ("wo_b", "o_b_proj")):
+    for ours, theirs in (
+        ("wq_a", "q_a_proj"),
+        ("q_norm", "q_a_norm"),
+        ("wq_b", "q_b_proj"),
+        ("wkv", "kv_proj"),
+        ("kv_norm", "kv_norm"),
+        ("wo_a", "o_a_proj"),
+        ("wo_b", "o_b_proj"),
+    ):
         sd[f"{at}.{theirs}.weight"] = _t(a[ours]["weight"])
     sd[f"{at}.sinks"] = _t(a["attn_sink"])
     if "compressor" in a:
@@ -102,8 +138,9 @@ def hf_layer_state_dict(lp: dict, pre: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def hf_state_dict(params: dict) -> dict[str, torch.Tensor]:
-    """Our param tree under HF's module names (HF_ORACLE.md §5)."""
+def hf_state_dict(params) -> dict[str, torch.Tensor]:
+    """Our params (``nnx.State`` or the native tree) under HF's module names (HF_ORACLE.md §5)."""
+    params = to_native(params) if isinstance(params, nnx.State) else params
     sd = {
         "model.embed_tokens.weight": _t(params["embed"]["weight"]),
         "lm_head.weight": _t(params["head"]["weight"]),

@@ -104,20 +104,29 @@ def _block_tokens(cfg) -> int:
 def _step_fn(cfg, cc, opts):
     import jax
 
-    from dsv4_jax.model import forward
+    from dsv4_jax.model.transformer import forward
 
     def step(params, tokens, positions, state, meta, sel):  # sel i32[B,P]: positions along T to keep
         taps: list = []
-        logits, state = forward(params, tokens, positions, state, meta, cfg=cfg, opts=opts, cache=cc,
-                                layer_taps=taps)  # fmt: skip
+        logits, state = forward(
+            params, tokens, positions, state, meta, cfg=cfg, opts=opts, cache=cc, layer_taps=taps
+        )
         take = lambda a: jax.numpy.take_along_axis(a, sel.reshape(sel.shape + (1,) * (a.ndim - 2)), axis=1)
         return take(logits), state, [take(x).astype(jax.numpy.float32) for x in taps]
 
     return jax.jit(step, donate_argnums=(3,))
 
 
-def run_rows(cfg, params, serving: Serving, prompts: list[list[int]], new_tokens: int,
-             forced: list[list[int]] | None = None, *, reference: bool = False) -> Rows:  # fmt: skip
+def run_rows(
+    cfg,
+    params,
+    serving: Serving,
+    prompts: list[list[int]],
+    new_tokens: int,
+    forced: list[list[int]] | None = None,
+    *,
+    reference: bool = False,
+) -> Rows:
     """Run ``prompts`` as rows of the state path under ``serving`` (``params`` held in its dtype).
 
     ``forced``: feed these continuations (teacher forcing) instead of the greedy picks.
@@ -125,16 +134,21 @@ def run_rows(cfg, params, serving: Serving, prompts: list[list[int]], new_tokens
     """
     import jax.numpy as jnp
 
-    from dsv4_jax import kv_cache as kvc
-    from dsv4_jax.model import ModelOptions
+    from dsv4_jax.model import state as kvc
+    from dsv4_jax.model.transformer import ModelOptions
 
     r = len(prompts)
     bt = _block_tokens(cfg)
     longest = max(len(p) for p in prompts) + new_tokens
-    nb = -(-longest // bt)
-    cc = kvc.CacheConfig(num_slots=r, num_blocks=r * nb, max_blocks_per_seq=nb, block_tokens=bt,
-                         fmt=kvc.KVFormat.parse(serving.kv_format),
-                         dtype=jnp.float32 if reference else jnp.bfloat16)  # fmt: skip
+    nb = cdiv(longest, bt)
+    cc = kvc.CacheConfig(
+        num_slots=r,
+        num_blocks=r * nb,
+        max_blocks_per_seq=nb,
+        block_tokens=bt,
+        fmt=kvc.KVFormat.parse(serving.kv_format),
+        dtype=jnp.float32 if reference else jnp.bfloat16,
+    )
     opts = ModelOptions(sim_quant=serving.qat, kernels=serving.kernels)
     step = _step_fn(cfg, cc, opts)
     state = kvc.init_state(cfg, cc)
@@ -149,8 +163,14 @@ def run_rows(cfg, params, serving: Serving, prompts: list[list[int]], new_tokens
     q = PROMPT_POSITIONS
     sel = np.maximum(lens[:, None] - q + np.arange(q)[None, :], 0).astype(np.int32)  # left-padded
     valid = [lens[:, None] - q + np.arange(q)[None, :] >= 0]
-    logits, state, taps = step(params, tokens, np.broadcast_to(np.arange(t, dtype=np.int32), (r, t)), state,
-                               kvc.StepMeta(slots, table, lens), sel)  # fmt: skip
+    logits, state, taps = step(
+        params,
+        tokens,
+        np.broadcast_to(np.arange(t, dtype=np.int32), (r, t)),
+        state,
+        kvc.StepMeta(slots, table, lens),
+        sel,
+    )
     out_logits, out_taps = [np.asarray(logits, np.float32)], [np.stack([np.asarray(x) for x in taps])]
     picks = [forced[i][0] if forced is not None else int(np.argmax(out_logits[0][i, -1])) for i in range(r)]
     gen = [picks]
@@ -158,14 +178,20 @@ def run_rows(cfg, params, serving: Serving, prompts: list[list[int]], new_tokens
     zero = np.zeros((r, 1), np.int32)
     for k in range(new_tokens - 1):
         cur = np.array(gen[-1], np.int32)[:, None]
-        logits, state, taps = step(params, cur, (lens + k)[:, None], state, kvc.StepMeta(slots, table, one), zero)
+        logits, state, taps = step(
+            params, cur, (lens + k)[:, None], state, kvc.StepMeta(slots, table, one), zero
+        )
         lg = np.asarray(logits, np.float32)
         out_logits.append(lg)
         out_taps.append(np.stack([np.asarray(x) for x in taps]))
         valid.append(np.ones((r, 1), bool))
         gen.append([forced[i][k + 1] if forced is not None else int(np.argmax(lg[i, 0])) for i in range(r)])
-    return Rows(np.concatenate(out_logits, axis=1), np.concatenate(valid, axis=1),
-                np.array(gen, np.int32).T, np.concatenate(out_taps, axis=2))  # fmt: skip
+    return Rows(
+        np.concatenate(out_logits, axis=1),
+        np.concatenate(valid, axis=1),
+        np.array(gen, np.int32).T,
+        np.concatenate(out_taps, axis=2),
+    )
 
 
 # ----------------------------------------------------------------------------- the HF port
@@ -182,8 +208,14 @@ def hf_rows(model, prompts: list[list[int]], new_tokens: int, forced: list[list[
     with torch.no_grad():
         for i, p in enumerate(prompts):
             if forced is None:
-                out = model.generate(torch.tensor([p]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                     do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+                out = model.generate(
+                    torch.tensor([p]),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
                 tokens[i] = out[0, len(p) :].numpy()
             else:
                 tokens[i] = forced[i][:new_tokens]
@@ -261,8 +293,12 @@ def greedy_agreement(ref: Rows, got: Rows, robust: np.ndarray | None = None) -> 
     }
     if robust is not None:
         rg = [g for g, ok in zip(gaps, robust) if ok and g is not None]
-        out.update(robust_prompts=int(robust.sum()), robust_diverged=len(rg), robust_max_gap=max(rg, default=0.0),
-                   robust_over_tolerance=sum(g > GAP_TOLERANCE for g in rg))  # fmt: skip
+        out.update(
+            robust_prompts=int(robust.sum()),
+            robust_diverged=len(rg),
+            robust_max_gap=max(rg, default=0.0),
+            robust_over_tolerance=sum(g > GAP_TOLERANCE for g in rg),
+        )
     return out
 
 
@@ -293,12 +329,25 @@ def _batched(fn, prompts, batch: int, forced=None) -> Rows:
     for i in range(0, len(prompts), batch):
         parts.append(fn(prompts[i : i + batch], None if forced is None else forced[i : i + batch]))
     cat = lambda xs, axis=0: None if xs[0] is None else np.concatenate(xs, axis=axis)
-    return Rows(cat([p.logits for p in parts]), cat([p.valid for p in parts]), cat([p.tokens for p in parts]),
-                cat([p.streams for p in parts], axis=1))  # fmt: skip
+    return Rows(
+        cat([p.logits for p in parts]),
+        cat([p.valid for p in parts]),
+        cat([p.tokens for p in parts]),
+        cat([p.streams for p in parts], axis=1),
+    )
 
 
-def measure(cfg, params_f32, params_bf16, configs, prompts, new_tokens: int = 32, batch: int = 16,
-            hf: bool = True, log=lambda msg: None) -> dict:  # fmt: skip
+def measure(
+    cfg,
+    params_f32,
+    params_bf16,
+    configs,
+    prompts,
+    new_tokens: int = 32,
+    batch: int = 16,
+    hf: bool = True,
+    log=lambda msg: None,
+) -> dict:
     """Every configuration of ``configs`` on ``prompts``, against its float32 reference; with
     ``hf``, the HF port's float32 and bfloat16 copies beside them. One JSON-able dict."""
     held = {"float32": params_f32, "bfloat16": params_bf16}
@@ -318,25 +367,37 @@ def measure(cfg, params_f32, params_bf16, configs, prompts, new_tokens: int = 32
         h16_tf = _batched(lambda ps, fo: hf_rows(m16, ps, new_tokens, fo), prompts, batch, refs[False].tokens)
         robust = (h16.tokens == refs[False].tokens).all(1)
         out["hf_float32_greedy_equals_reference"] = int((h32.tokens == refs[False].tokens).all(1).sum())
-        out["hf_bfloat16"] = {"reference": "float32, QAT off", **compare(refs[False], h16_tf),
-                              **greedy_agreement(refs[False], h16, robust)}  # fmt: skip
+        out["hf_bfloat16"] = {
+            "reference": "float32, QAT off",
+            **compare(refs[False], h16_tf),
+            **greedy_agreement(refs[False], h16, robust),
+        }
         log(f"HF bf16: {_brief(out['hf_bfloat16'])}")
     for c in configs:
         params = held[c.dtype]
         ref = refs[c.qat]
         tf = _batched(lambda ps, fo: run_rows(cfg, params, c, ps, new_tokens, fo), prompts, batch, ref.tokens)  # noqa: B023
         gr = _batched(lambda ps, fo: run_rows(cfg, params, c, ps, new_tokens, fo), prompts, batch)  # noqa: B023
-        row = {"serving": dataclasses.asdict(c), "label": c.label,
-               "reference": f"float32, QAT {'on' if c.qat else 'off'}", **compare(ref, tf),
-               **greedy_agreement(ref, gr, robust if not c.qat else None)}  # fmt: skip
+        row = {
+            "serving": dataclasses.asdict(c),
+            "label": c.label,
+            "reference": f"float32, QAT {'on' if c.qat else 'off'}",
+            **compare(ref, tf),
+            **greedy_agreement(ref, gr, robust if not c.qat else None),
+        }
         out["rows"].append(row)
         log(f"{c.label}: {_brief(row)}")
     return out
 
 
 def _brief(r: dict) -> str:
-    s = (f"mean KL {r['mean_kl']:.2e}, top-1 {r['top1_agreement']:.4f}, max|Δ| {r['max_abs_logit_drift']:.3f}, "
-         f"greedy exact {r['exact']}/{r['prompts']}")  # fmt: skip
+    s = (
+        f"mean KL {r['mean_kl']:.2e}, top-1 {r['top1_agreement']:.4f}, max|Δ| {r['max_abs_logit_drift']:.3f}, "
+        f"greedy exact {r['exact']}/{r['prompts']}"
+    )
     if "robust_prompts" in r:
         s += f", robust {r['robust_prompts']} (diverged {r['robust_diverged']}, max gap {r['robust_max_gap']:.3f})"
     return s
+
+
+from dsv4_jax.intmath import cdiv

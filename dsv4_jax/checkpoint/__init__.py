@@ -20,13 +20,14 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from dsv4_jax.checkpoint.errors import CheckpointError
 from dsv4_jax.checkpoint.orbax_io import convert, is_orbax_checkpoint, load_orbax
 from dsv4_jax.checkpoint.safetensors_loader import SafetensorsLoader, load_safetensors
 from dsv4_jax.checkpoint.tokenizer import load_tokenizer
 from dsv4_jax.config import Config
-from dsv4_jax.sharding import DEFAULT_RULES
+from dsv4_jax.parallel.rules import DEFAULT_RULES
 
 
 def load_checkpoint(
@@ -37,8 +38,9 @@ def load_checkpoint(
     mesh: jax.sharding.Mesh | None = None,
     rules: Mapping[str, str | None] = DEFAULT_RULES,
     include_mtp: bool = True,
-) -> tuple[Config, dict]:
-    """``(cfg, params)`` from a safetensors or an orbax checkpoint directory.
+) -> tuple[Config, nnx.State]:
+    """``(cfg, params)`` from a safetensors or an orbax checkpoint directory; ``params`` is the
+    model's ``nnx.State`` (``model.transformer.forward`` takes it).
 
     ``dtype``: float32 for tests, bfloat16 for serving (leaves ``params.py`` keeps in
     fp32 stay fp32). ``storage="packed"`` keeps FP8/MXFP4 weights as
@@ -54,6 +56,12 @@ def load_checkpoint(
 
 
 __all__ = [
-    "CheckpointError", "SafetensorsLoader", "convert", "is_orbax_checkpoint", "load_checkpoint",
-    "load_orbax", "load_safetensors", "load_tokenizer",
-]  # fmt: skip
+    "CheckpointError",
+    "SafetensorsLoader",
+    "convert",
+    "is_orbax_checkpoint",
+    "load_checkpoint",
+    "load_orbax",
+    "load_safetensors",
+    "load_tokenizer",
+]

@@ -33,7 +33,7 @@ from dsv4_jax.checkpoint import placement
 from dsv4_jax.checkpoint.errors import CheckpointError
 from dsv4_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 from dsv4_jax.config import Config
-from dsv4_jax.params import ArrayInfo, param_infos
+from dsv4_jax.model.params import ArrayInfo, param_infos
 from dsv4_jax.quant import MXFP4_BLOCK
 
 FLOAT_DTYPES = ("BF16", "F32", "F16")

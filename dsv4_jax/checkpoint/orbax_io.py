@@ -33,14 +33,15 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from dsv4_jax.checkpoint import layout, placement
 from dsv4_jax.checkpoint.errors import CheckpointError
 from dsv4_jax.checkpoint.safetensors_loader import SafetensorsLoader, read_config
 from dsv4_jax.config import Config
-from dsv4_jax.params import ArrayInfo, param_infos
+from dsv4_jax.model.params import ArrayInfo, from_native, param_infos
+from dsv4_jax.parallel.rules import DEFAULT_RULES
 from dsv4_jax.quant import QuantizedWeight, is_quantized
-from dsv4_jax.sharding import DEFAULT_RULES
 
 MANIFEST = "dsv4_orbax.json"
 PARAMS = "params"
@@ -229,7 +230,7 @@ def load_orbax(
     mesh: jax.sharding.Mesh | None = None,
     rules: Mapping[str, str | None] = DEFAULT_RULES,
     include_mtp: bool = True,
-) -> tuple[Config, dict]:
+) -> tuple[Config, nnx.State]:
     """``(cfg, params)`` from a directory written by ``convert``, placed on ``mesh``.
 
     ``storage="dequantized"`` returns plain arrays (packed leaves dequantized on
@@ -253,4 +254,4 @@ def load_orbax(
         if not os.path.isdir(path):
             raise CheckpointError(f"{directory}: missing chunk {PARAMS}/{key}")
         chunks[key] = _restore_chunk(ckptr, path, cfg, key, m["storage"], storage, dtype, mesh, rules)
-    return cfg, placement.assemble(chunks)
+    return cfg, from_native(cfg, placement.assemble(chunks), dtype)

@@ -1,6 +1,6 @@
 """Where loaded arrays go: per-leaf shardings from logical axes, and the tree's chunks.
 
-Shardings come from the one rules table of ``dsv4_jax/sharding.py``. A checkpoint
+Shardings come from the one rules table of ``dsv4_jax/parallel/rules.py``. A checkpoint
 adds arrays the rules never saw: the packed bytes and UE8M0 scale grids of a
 ``QuantizedWeight`` (``quant.py``). They reuse the weight's logical axes, and any
 mesh axis that does not divide a dimension (a 2-row scale grid over a 4-way
@@ -22,8 +22,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv4_jax.config import Config
-from dsv4_jax.params import ArrayInfo
-from dsv4_jax.sharding import DEFAULT_RULES, logical_to_spec
+from dsv4_jax.model.params import ArrayInfo
+from dsv4_jax.parallel.rules import DEFAULT_RULES, logical_to_spec
 
 
 def fitted_sharding(

@@ -23,14 +23,15 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from dsv4_jax.checkpoint import layout, placement
 from dsv4_jax.checkpoint.errors import CheckpointError
 from dsv4_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 from dsv4_jax.config import Config, ConfigError
-from dsv4_jax.params import ArrayInfo, param_infos
+from dsv4_jax.model.params import ArrayInfo, from_native, param_infos
+from dsv4_jax.parallel.rules import DEFAULT_RULES
 from dsv4_jax.quant import QuantizedWeight, dequantize_blocks
-from dsv4_jax.sharding import DEFAULT_RULES
 
 STORAGES = ("dequantized", "packed")
 
@@ -168,9 +169,10 @@ def load_safetensors(
     mesh: jax.sharding.Mesh | None = None,
     rules: Mapping[str, str | None] = DEFAULT_RULES,
     include_mtp: bool = True,
-) -> tuple[Config, dict]:
-    """``(cfg, params)`` from a native safetensors directory; see the module docstring."""
+) -> tuple[Config, nnx.State]:
+    """``(cfg, params)`` from a native safetensors directory (params: the model's ``nnx.State``);
+    see the module docstring."""
     loader = SafetensorsLoader(directory, dtype)
     keys = placement.chunk_keys(loader.cfg, include_mtp)
     chunks = {k: loader.load_chunk(k, storage, mesh, rules) for k in keys}
-    return loader.cfg, placement.assemble(chunks)
+    return loader.cfg, from_native(loader.cfg, placement.assemble(chunks), dtype)

@@ -82,7 +82,9 @@ class BlockManager:
         """``n`` fresh blocks (refcount 1) of ``shard``, evicting least-recently-used cache
         entries of that shard if needed."""
         if n > self.available_blocks(shard):
-            raise RuntimeError(f"allocate({n}) on shard {shard}: only {self.available_blocks(shard)} blocks available")
+            raise RuntimeError(
+                f"allocate({n}) on shard {shard}: only {self.available_blocks(shard)} blocks available"
+            )
         free = self._free_blocks[shard]
         out = []
         for _ in range(n):
@@ -178,11 +180,18 @@ class BlockManager:
         lim = self.limits
         cap = lim.blocks_per_shard
         if worst_blocks > cap:
-            where = "the block pool holds" if lim.num_seq_shards == 1 else (
-                f"a sequence's blocks must sit on one of {lim.num_seq_shards} sequence shards, each holding")
-            return (f"needs up to {worst_blocks} blocks of {lim.block_tokens} tokens = "
-                    f"{fmt_bytes(self.bytes_of(worst_blocks))} of KV state, but {where} "
-                    f"{cap} blocks = {fmt_bytes(self.bytes_of(cap))}")  # fmt: skip
+            where = (
+                "the block pool holds"
+                if lim.num_seq_shards == 1
+                else (
+                    f"a sequence's blocks must sit on one of {lim.num_seq_shards} sequence shards, each holding"
+                )
+            )
+            return (
+                f"needs up to {worst_blocks} blocks of {lim.block_tokens} tokens = "
+                f"{fmt_bytes(self.bytes_of(worst_blocks))} of KV state, but {where} "
+                f"{cap} blocks = {fmt_bytes(self.bytes_of(cap))}"
+            )
         return None
 
     def shortfall(self, new_blocks: int, reserved_hits: int, shard: int = 0) -> str | None:
@@ -194,9 +203,11 @@ class BlockManager:
             return f"all {self.limits.slots_per_shard} state slots{on} are in use"
         avail = self.available_blocks(shard) - reserved_hits
         if new_blocks > avail:
-            return (f"needs {new_blocks} new blocks + 1 slot = "
-                    f"{fmt_bytes(self.bytes_of(new_blocks, 1))}; {avail} blocks = "
-                    f"{fmt_bytes(self.bytes_of(avail))} available{on}")  # fmt: skip
+            return (
+                f"needs {new_blocks} new blocks + 1 slot = "
+                f"{fmt_bytes(self.bytes_of(new_blocks, 1))}; {avail} blocks = "
+                f"{fmt_bytes(self.bytes_of(avail))} available{on}"
+            )
         return None
 
     # ------------------------------------------------------------------ reset / checks

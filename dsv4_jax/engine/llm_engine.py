@@ -1,18 +1,24 @@
 """The engine loop: ``add_request`` / ``step`` / ``abort`` over a ``ModelRunner``.
 
-``step`` is schedule → ``runner.execute`` → postprocess (nano-vllm's split):
+``step`` is schedule → ``runner.execute`` → commit → postprocess (nano-vllm's split):
 
 * ``Scheduler.schedule`` picks this step's works (decodes, prefill chunks, admissions);
 * the runner runs them and returns one ``SampleOut`` per work that ends its sequence's known
   tokens (``SeqWork.sample``);
 * ``Scheduler.commit`` advances the sequences and publishes complete blocks to the prefix
-  cache; then each sample is appended, detokenized and checked against the stop conditions
+  cache;
+* postprocess: each sample is appended, detokenized and checked against the stop conditions
   (EOS unless ``ignore_eos``, ``stop_token_ids``, ``stop`` strings, ``max_tokens``, the
-  context limit), and a finished sequence frees its slot and blocks at once.
+  context limit), and a finished sequence frees its slot and blocks at once. Each request
+  that moved gets a ``RequestOutput`` (engine/output.py), the one type every caller reads.
 
 Every request is checked when it arrives (``add_request``): malformed ones and ones that can
 never fit (prompt at or past the context limit, state larger than the whole block pool) raise
 ``RequestRefused`` naming the limit; ones that only have to wait are queued (FCFS).
+
+Step hooks (``add_step_hook``) watch the four phases without touching the engine's objects:
+each ``StepHook`` method returns a context manager entered around its phase. The profiler
+(engine/runner/profiler.py) names the phases in traces that way.
 
 Token-id conventions (as vLLM): ``token_ids`` include the token that stopped generation
 (EOS or a stop token); the text does not include it, nor a matched stop string.
@@ -20,6 +26,7 @@ Token-id conventions (as vLLM): ``token_ids`` include the token that stopped gen
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import random
@@ -27,35 +34,66 @@ import time
 
 from dsv4_jax.engine.block_manager import BlockManager
 from dsv4_jax.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from dsv4_jax.engine.output import RequestOutput
 from dsv4_jax.engine.prefix_cache import PrefixCache
 from dsv4_jax.engine.profiles import EngineConfig
 from dsv4_jax.engine.request import (
     FinishReason,
     Request,
+    RequestMetrics,
     RequestRefused,
     RequestStatus,
     SamplingParams,
     Sequence,
-    cdiv,
-)  # fmt: skip
+)
 from dsv4_jax.engine.runner_api import ModelRunner, SampleOut, StepPlan
 from dsv4_jax.engine.scheduler import Scheduler
+from dsv4_jax.intmath import cdiv
 
 
-@dataclasses.dataclass
-class RequestOutput:
-    """What one step produced for one request (a streaming delta)."""
+class StepHook:
+    """Watches the phases of ``LLMEngine.step`` (a profiler, a tracer). Each method returns a
+    context manager the engine enters around that phase; override the ones of interest (the
+    defaults do nothing). Phases, in order: ``schedule`` (every step), then, when anything was
+    scheduled, ``execute(plan)`` (the runner runs ``plan``), ``commit`` (sequences advance,
+    complete blocks are published) and ``postprocess`` (samples appended, detokenized,
+    checked against the stop conditions; outputs built). Hooks observe; they must not
+    change the plan or the engine."""
 
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None = None
+    def schedule(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def execute(self, plan: StepPlan) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def commit(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def postprocess(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+_PHASES = ("schedule", "execute", "commit", "postprocess")
+_NO_HOOKS = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _around(hooks: tuple, phase: str, args: tuple):
+    with contextlib.ExitStack() as stack:
+        for h in hooks:
+            stack.enter_context(getattr(h, phase)(*args))
+        yield
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, config: EngineConfig | None = None, tokenizer=None, *,
-                 max_model_len: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        runner: ModelRunner,
+        config: EngineConfig | None = None,
+        tokenizer=None,
+        *,
+        max_model_len: int | None = None,
+    ):
         """``runner``: anything implementing ``runner_api.ModelRunner``; its ``limits`` are the
         pool sizes and budgets. ``config``: strategy and prefix-cache settings (its pool fields
         were used to build the runner). ``max_model_len``: the context limit, further capped
@@ -71,8 +109,10 @@ class LLMEngine:
                     f"snapshot interval {iv} is not a multiple of block_tokens={lim.block_tokens}"
                 )
             if lim.num_snapshots == 0:
-                raise ValueError(f"swa_strategy={config.swa_strategy!r} keeps SWA snapshots, "
-                                 f"but the runner was built with num_snapshots=0")  # fmt: skip
+                raise ValueError(
+                    f"swa_strategy={config.swa_strategy!r} keeps SWA snapshots, "
+                    f"but the runner was built with num_snapshots=0"
+                )
         ctx = lim.max_blocks_per_seq * lim.block_tokens
         self._ctx_parts = [f"max_blocks_per_seq={lim.max_blocks_per_seq} × block_tokens={lim.block_tokens}"]
         if max_model_len is not None and max_model_len < ctx:
@@ -84,10 +124,8 @@ class LLMEngine:
         self.scheduler = Scheduler(lim, config, self.block_manager, self.cache, ctx)
         self._requests: dict[str, Request] = {}
         self._seqs: dict[str, Sequence] = {}
-        self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._stops: dict[str, StopChecker] = {}
-        self._emitted: dict[str, tuple[int, int]] = {}  # request id → (tokens, chars) streamed
         self._pending: list[RequestOutput] = []  # abort notices for the next step
+        self._hooks: tuple[StepHook, ...] = ()
         self._ids = itertools.count()  # request ids when the caller gives none
         self._seq_ids = itertools.count()  # FCFS order
         self._rng = random.Random(config.seed)
@@ -96,9 +134,17 @@ class LLMEngine:
         self.num_generated_tokens = 0
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:  # fmt: skip
-        """Queue a request; returns its id. Raises ``RequestRefused`` if it can never run."""
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        arrival: float | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises ``RequestRefused`` if it can never run.
+        ``arrival`` (``time.monotonic()``, default now): when the caller received it, so TTFT
+        and queue time include the caller's own wait (the server's submission queue)."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise RequestRefused(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -130,29 +176,37 @@ class LLMEngine:
             raise RequestRefused(f"request id {rid!r} is already in use")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(
-            rid, ids, params, seed, prompt=text, logprobs=[] if params.logprobs is not None else None
+            rid,
+            ids,
+            params,
+            seed,
+            prompt=text,
+            logprobs=[] if params.logprobs is not None else None,
+            metrics=RequestMetrics(time.monotonic() if arrival is None else arrival),
+            detokenizer=None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer),
+            stop_checker=StopChecker(params.stop),
         )
         seq = Sequence(seq_id=next(self._seq_ids), request=req, tokens=list(ids))
         self._requests[rid], self._seqs[rid] = req, seq
-        if self.tokenizer is not None:
-            self._detok[rid] = IncrementalDetokenizer(self.tokenizer)
-        self._stops[rid] = StopChecker(params.stop)
-        self._emitted[rid] = (0, 0)
         self.scheduler.add(seq)
         return rid
 
-    def abort(self, request_id: str) -> bool:
-        """Cancel a request: its slot, blocks and queue place are freed now. False if unknown
-        or already finished."""
+    def abort(self, request_id: str, error: Exception | None = None) -> bool:
+        """Cancel a request: its slot, blocks and queue place are freed now; its final output
+        (``finish_reason="abort"``, carrying ``error``: why the caller stopped it, if it says)
+        comes with the next step. False if unknown or already finished."""
         seq = self._seqs.get(request_id)
         if seq is None or seq.request.finished:
             return False
         self.scheduler.abort(seq)
+        seq.request.error = error
         self._finish(seq, FinishReason.ABORT, free=False)
-        self._pending.append(self._delta(seq.request))
+        self._pending.append(self._output(seq.request))
         return True
 
     def get_request(self, request_id: str) -> Request:
+        """The engine's own state of a request, for reading (tests, stats); callers follow a
+        request through its ``RequestOutput``s."""
         return self._requests[request_id]
 
     def release(self, request_id: str) -> Request:
@@ -160,36 +214,61 @@ class LLMEngine:
         req = self._requests[request_id]
         if not req.finished:
             raise ValueError(f"request {request_id!r} has not finished")
-        for d in (self._requests, self._seqs, self._detok, self._stops, self._emitted):
-            d.pop(request_id, None)
+        del self._requests[request_id], self._seqs[request_id]
         return req
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
+    # ------------------------------------------------------------------ step hooks
+    def add_step_hook(self, hook: StepHook) -> None:
+        """Enter ``hook``'s context managers around the phases of every later step (after the
+        hooks added before it, so the first hook's context is the outermost)."""
+        if missing := [p for p in _PHASES if not callable(getattr(hook, p, None))]:
+            raise TypeError(f"a step hook needs the phase methods {missing} (subclass StepHook)")
+        self._hooks = (*self._hooks, hook)
+
+    def remove_step_hook(self, hook: StepHook) -> None:
+        self._hooks = tuple(h for h in self._hooks if h is not hook)
+
+    @property
+    def step_hooks(self) -> tuple[StepHook, ...]:
+        return self._hooks
+
+    def _phase(self, phase: str, *args) -> contextlib.AbstractContextManager:
+        return _around(self._hooks, phase, args) if self._hooks else _NO_HOOKS
+
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns a delta for every request that produced tokens, finished or
-        was aborted since the last step."""
+        """One engine step; returns an output for every request that produced tokens, finished
+        or was aborted since the last step."""
         outputs, self._pending = self._pending, []
-        scheduled = self.scheduler.schedule()
+        with self._phase("schedule"):
+            scheduled = self.scheduler.schedule()
         if not scheduled:
             if self.scheduler.waiting:  # cannot happen with an idle pool: add_request refused what never fits
                 raise RuntimeError(f"engine stalled: {self.scheduler.waiting[0].wait_reason}")
             return outputs
-        samples = self.runner.execute(StepPlan([sc.work for sc in scheduled]))
+        for sc in scheduled:  # a first admission's prefix-cache hit: the request's cached prompt tokens
+            if sc.work.fresh and sc.seq.request.num_cached_tokens is None:
+                sc.seq.request.num_cached_tokens = sc.seq.cached_until
+        plan = StepPlan([sc.work for sc in scheduled])
+        with self._phase("execute", plan):
+            samples = self.runner.execute(plan)
         now = time.monotonic()
         self.num_steps += 1
-        self.scheduler.commit(scheduled)
-        for sc in scheduled:
-            if not sc.decode:
-                self.num_prompt_tokens += len(sc.work.tokens)
-            if not sc.work.sample:
-                continue
-            if sc.seq.seq_id not in samples:
-                raise RuntimeError(f"the runner returned no sample for sequence {sc.seq.seq_id}")
-            self._append(sc.seq, samples[sc.seq.seq_id], now)
-            outputs.append(self._delta(sc.seq.request))
+        with self._phase("commit"):
+            self.scheduler.commit(scheduled)
+        with self._phase("postprocess"):
+            for sc in scheduled:
+                if not sc.decode:
+                    self.num_prompt_tokens += len(sc.work.tokens)
+                if not sc.work.sample:
+                    continue
+                if sc.seq.seq_id not in samples:
+                    raise RuntimeError(f"the runner returned no sample for sequence {sc.seq.seq_id}")
+                self._append(sc.seq, samples[sc.seq.seq_id], now)
+                outputs.append(self._output(sc.seq.request))
         return outputs
 
     def _append(self, seq: Sequence, out: SampleOut, now: float) -> None:
@@ -208,10 +287,10 @@ class LLMEngine:
             reason = FinishReason.STOP
         elif tok in sp.stop_token_ids:
             reason, req.stop_reason = FinishReason.STOP, tok
-        elif (detok := self._detok.get(req.request_id)) is not None:
+        elif req.detokenizer is not None:
             old = len(req.output_text)
-            req.output_text += detok.push(tok)
-            if (hit := self._stops[req.request_id].find(req.output_text, old)) is not None:
+            req.output_text += req.detokenizer.push(tok)
+            if (hit := req.stop_checker.find(req.output_text, old)) is not None:
                 req.output_text = req.output_text[: hit[0]]
                 reason, req.stop_reason = FinishReason.STOP, hit[1]
         if reason is None and (
@@ -219,8 +298,8 @@ class LLMEngine:
         ):
             reason = FinishReason.LENGTH
         if reason is not None:
-            if reason is FinishReason.LENGTH and (detok := self._detok.get(req.request_id)) is not None:
-                req.output_text += detok.flush()
+            if reason is FinishReason.LENGTH and req.detokenizer is not None:
+                req.output_text += req.detokenizer.flush()
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason, free: bool = True) -> None:
@@ -233,12 +312,25 @@ class LLMEngine:
         if forget is not None:
             forget(seq.seq_id)
 
-    def _delta(self, req: Request) -> RequestOutput:
-        n_tok, n_chr = self._emitted[req.request_id]
-        text, n_chr = self._stops[req.request_id].emit(req.output_text, n_chr, req.finished)
-        self._emitted[req.request_id] = (len(req.output_token_ids), n_chr)
-        reason = req.finish_reason.value if req.finish_reason else None
-        return RequestOutput(req.request_id, req.output_token_ids[n_tok:], text, req.finished, reason)
+    def _output(self, req: Request) -> RequestOutput:
+        """What ``req`` has for its caller since its previous output; advances its cursors."""
+        n, out, done = req.num_emitted_tokens, req.output_token_ids, req.finished
+        text, req.num_emitted_chars = req.stop_checker.emit(req.output_text, req.num_emitted_chars, done)
+        req.num_emitted_tokens = len(out)
+        return RequestOutput(
+            request_id=req.request_id,
+            text=text,
+            token_ids=out[n:],
+            logprobs=None if req.logprobs is None else req.logprobs[n:],
+            finished=done,
+            finish_reason=req.finish_reason.value if req.finish_reason else None,
+            stop_reason=req.stop_reason,
+            num_prompt_tokens=len(req.prompt_token_ids),
+            num_output_tokens=len(out),
+            num_cached_tokens=req.num_cached_tokens or 0,
+            error=req.error,
+            metrics=req.metrics,
+        )
 
     # ------------------------------------------------------------------ state and counters
     def reset_prefix_cache(self) -> int:

@@ -76,24 +76,37 @@ PROFILES: dict[str, EngineConfig] = {
     # decodes for long, and full SWA snapshots per block (cheap at short context) so a hit
     # costs no recompute at all.
     "chat": EngineConfig(
-        block_tokens=128, max_tokens_per_step=2048, max_batch=128, max_model_len=32768,
-        swa_strategy="full", num_snapshots=512,
+        block_tokens=128,
+        max_tokens_per_step=2048,
+        max_batch=128,
+        max_model_len=32768,
+        swa_strategy="full",
+        num_snapshots=512,
     ),
     # Mixed traffic up to 128K: snapshots every 4K tokens bound the replay on a hit to 4K
     # while storing 1/32 of what full SWA caching would.
     "balanced": EngineConfig(
-        block_tokens=256, max_tokens_per_step=4096, max_batch=64, max_model_len=131072,
-        swa_strategy="checkpoint", checkpoint_interval=4096, num_snapshots=256,
+        block_tokens=256,
+        max_tokens_per_step=4096,
+        max_batch=64,
+        max_model_len=131072,
+        swa_strategy="checkpoint",
+        checkpoint_interval=4096,
+        num_snapshots=256,
     ),
     # Decode-heavy 100K+ work (agents, coding, research): capacity first. No SWA storage at
     # all; a hit replays window × layers tokens (5,504 for Flash) over cached compressed
     # entries, exact, whatever the prefix length. Large chunks for 100K prompts; few
     # sequences, each with a long context.
     "long-context": EngineConfig(
-        block_tokens=256, max_tokens_per_step=8192, max_batch=16, max_model_len=None,
-        swa_strategy="recompute", num_snapshots=0,
+        block_tokens=256,
+        max_tokens_per_step=8192,
+        max_batch=16,
+        max_model_len=None,
+        swa_strategy="recompute",
+        num_snapshots=0,
     ),
-}  # fmt: skip
+}
 DEFAULT_PROFILE = "balanced"
 
 
@@ -160,7 +173,11 @@ class PoolPlan:
 
 
 def plan_pools(
-    ec: EngineConfig, bytes_per_token: float, bytes_per_slot: int, max_position_embeddings: int, shards: int = 1
+    ec: EngineConfig,
+    bytes_per_token: float,
+    bytes_per_slot: int,
+    max_position_embeddings: int,
+    shards: int = 1,
 ) -> PoolPlan:
     """Pool sizes for ``ec``. ``bytes_per_token`` / ``bytes_per_slot``: the state accounting's
     per-token cost of all compressed pools and fixed per-sequence cost (windows + tails), as
@@ -169,7 +186,7 @@ def plan_pools(
     to a multiple of it (each shard gets an equal part, and one sequence's blocks must fit in
     one part)."""
     max_len = min(ec.max_model_len or max_position_embeddings, max_position_embeddings)
-    max_blocks = -(-max_len // ec.block_tokens)
+    max_blocks = cdiv(max_len, ec.block_tokens)
     max_len = min(max_len, max_blocks * ec.block_tokens)
     per_block = round(bytes_per_token * ec.block_tokens)
     slots = -(-(ec.num_slots or ec.max_batch) // shards) * shards
@@ -190,7 +207,9 @@ def plan_pools(
     else:
         blocks = slots * max_blocks
     if blocks % shards:
-        raise ValueError(f"num_blocks={blocks} must be a multiple of the {shards} sequence shards of the mesh")
+        raise ValueError(
+            f"num_blocks={blocks} must be a multiple of the {shards} sequence shards of the mesh"
+        )
     return PoolPlan(slots, blocks, snaps, max_blocks, max_len, per_block, int(bytes_per_slot))
 
 
@@ -220,9 +239,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         ("kv-format", str),
     ):
         g.add_argument(f"--{name}", type=typ, default=None)
-    g.add_argument("--no-prefix-cache", action="store_true")  # fmt: skip
-    g.add_argument("--no-decode-lookahead", action="store_true",
-                   help="read back each step's tokens before dispatching the next (engine/lookahead.py)")
+    g.add_argument("--no-prefix-cache", action="store_true")
+    g.add_argument(
+        "--no-decode-lookahead",
+        action="store_true",
+        help="read back each step's tokens before dispatching the next (engine/lookahead.py)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -244,3 +266,6 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     if getattr(args, "no_decode_lookahead", False):
         overrides["decode_lookahead"] = False
     return make_config(args.profile, args.swa_strategy, **overrides)
+
+
+from dsv4_jax.intmath import cdiv

@@ -2,7 +2,10 @@
 (``Sequence``). Plain dataclasses, no device arrays (STYLE.md habit 10).
 
 A ``Request`` lives from ``add_request`` to its finish and carries everything the user sees:
-prompt, sampling parameters, sampled tokens, text, finish reason, timestamps. A ``Sequence``
+prompt, sampling parameters, sampled tokens, text, finish reason, timestamps, and the state
+that turns its tokens into text (its incremental detokenizer and stop checker, and how much
+of its output the engine has already handed out in ``RequestOutput``s). Only the engine
+writes into it; callers read the outputs (``engine/output.py``). A ``Sequence``
 is the scheduler's view of the same request while it holds (or waits for) device state: the
 token history that must be in the state, how much of it is, the pool blocks and the state
 slot. Preemption by recompute throws the ``Sequence``'s device state away and keeps the
@@ -21,16 +24,18 @@ import enum
 import itertools
 import time
 
-from dsv4_jax.engine.runner_api import SamplingParams
+from dsv4_jax.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from dsv4_jax.engine.sampling_params import SamplingParams
 
 __all__ = [
-    "FinishReason", "Request", "RequestMetrics", "RequestRefused", "RequestStatus", "SamplingParams",
-    "Sequence", "cdiv",
-]  # fmt: skip
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    "FinishReason",
+    "Request",
+    "RequestMetrics",
+    "RequestRefused",
+    "RequestStatus",
+    "SamplingParams",
+    "Sequence",
+]
 
 
 class RequestRefused(ValueError):
@@ -88,7 +93,16 @@ class Request:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[tuple[float | None, list[tuple[int, float]] | None]] | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None  # prefix-cache hit tokens on its first admission
+    error: Exception | None = None  # why the caller aborted it, if it said (reported, never raised)
     metrics: RequestMetrics = dataclasses.field(default_factory=lambda: RequestMetrics(time.monotonic()))
+    # Text state: None without a tokenizer (token ids only). ``stop_checker`` holds the stop
+    # strings; ``num_emitted_*`` are how many tokens / characters of ``output_token_ids`` /
+    # ``output_text`` earlier outputs carried (the rest goes into the next one).
+    detokenizer: IncrementalDetokenizer | None = dataclasses.field(default=None, repr=False)
+    stop_checker: StopChecker = dataclasses.field(default_factory=lambda: StopChecker(()), repr=False)
+    num_emitted_tokens: int = 0
+    num_emitted_chars: int = 0
 
     @property
     def finished(self) -> bool:
@@ -133,5 +147,7 @@ class Sequence:
         return self.num_remaining == 1 and len(self.tokens) > self.prompt_len
 
     def __repr__(self) -> str:
-        return (f"Sequence(id={self.seq_id}, len={len(self.tokens)}, computed={self.num_computed}, "
-                f"blocks={len(self.block_ids)}, slot={self.slot})")  # fmt: skip
+        return (
+            f"Sequence(id={self.seq_id}, len={len(self.tokens)}, computed={self.num_computed}, "
+            f"blocks={len(self.block_ids)}, slot={self.slot})"
+        )

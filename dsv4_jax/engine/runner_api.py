@@ -38,61 +38,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling controls (OpenAI / vLLM semantics).
-
-    ``temperature == 0`` is greedy. ``top_k <= 0`` and ``top_p == 1`` disable those
-    filters; ``min_p`` keeps tokens with p >= min_p · p_max. ``repetition_penalty``
-    (> 1 discourages) applies to prompt and output tokens; ``presence_penalty`` /
-    ``frequency_penalty`` to output tokens only. ``seed`` makes a request reproducible
-    whatever else is in the batch. ``logprobs`` = n returns the chosen token's logprob
-    and the top-n alternatives (from the model's raw distribution). Generation stops at
-    ``max_tokens``, an EOS (unless ``ignore_eos``), a token in ``stop_token_ids`` or a
-    string in ``stop`` (the stop string is not included in the text).
-    """
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-
-    MAX_LOGPROBS = 20
-
-    def __post_init__(self):
-        def bad(field, why):
-            raise ValueError(f"SamplingParams.{field}: {why} (got {getattr(self, field)!r})")
-
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad("max_tokens", "must be an integer >= 1")
-        if not self.temperature >= 0:
-            bad("temperature", "must be >= 0")
-        if not isinstance(self.top_k, int):
-            bad("top_k", "must be an integer (<= 0 disables)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1]")
-        if not self.repetition_penalty > 0:
-            bad("repetition_penalty", "must be > 0")
-        if not -2 <= self.presence_penalty <= 2:
-            bad("presence_penalty", "must be in [-2, 2]")
-        if not -2 <= self.frequency_penalty <= 2:
-            bad("frequency_penalty", "must be in [-2, 2]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
-            bad("logprobs", f"must be in [0, {self.MAX_LOGPROBS}]")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            bad("seed", "must be a non-negative integer")
+from dsv4_jax.engine.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass
@@ -157,8 +103,10 @@ class RunnerLimits:
     def __post_init__(self):
         s = self.num_seq_shards
         if s < 1 or self.num_slots % s or self.num_blocks % s:
-            raise ValueError(f"num_slots={self.num_slots} and num_blocks={self.num_blocks} must split evenly "
-                             f"over num_seq_shards={s}")  # fmt: skip
+            raise ValueError(
+                f"num_slots={self.num_slots} and num_blocks={self.num_blocks} must split evenly "
+                f"over num_seq_shards={s}"
+            )
 
     @property
     def slots_per_shard(self) -> int:

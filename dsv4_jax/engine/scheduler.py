@@ -50,8 +50,9 @@ import time
 from dsv4_jax.engine.block_manager import BlockManager
 from dsv4_jax.engine.prefix_cache import CacheEntry, PrefixCache, extend_keys
 from dsv4_jax.engine.profiles import EngineConfig
-from dsv4_jax.engine.request import RequestStatus, Sequence, cdiv
+from dsv4_jax.engine.request import RequestStatus, Sequence
 from dsv4_jax.engine.runner_api import RunnerLimits, SeqWork
+from dsv4_jax.intmath import cdiv
 
 
 @dataclasses.dataclass
@@ -68,8 +69,14 @@ def _seq_key(s: Sequence) -> int:
 
 
 class Scheduler:
-    def __init__(self, limits: RunnerLimits, config: EngineConfig, block_manager: BlockManager,
-                 cache: PrefixCache | None, max_model_len: int):  # fmt: skip
+    def __init__(
+        self,
+        limits: RunnerLimits,
+        config: EngineConfig,
+        block_manager: BlockManager,
+        cache: PrefixCache | None,
+        max_model_len: int,
+    ):
         self.limits = limits
         self.config = config
         self.bm = block_manager
@@ -169,8 +176,11 @@ class Scheduler:
         shard = self.limits.slot_shard(seq.slot)
         while need > self.bm.available_blocks(shard):
             # Only a sequence on the same shard frees blocks ``seq`` can use.
-            victim = next(s for s in reversed(self.running)
-                          if s.seq_id not in taken and self.limits.slot_shard(s.slot) == shard)  # fmt: skip
+            victim = next(
+                s
+                for s in reversed(self.running)
+                if s.seq_id not in taken and self.limits.slot_shard(s.slot) == shard
+            )
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -201,13 +211,23 @@ class Scheduler:
         req = seq.request
         replay = s < seq.cached_until
         work = SeqWork(
-            seq_id=seq.seq_id, slot=seq.slot, block_ids=list(seq.block_ids), tokens=seq.tokens[s:end],
-            start=s, sample=end == len(seq.tokens), sampling=req.sampling,
-            sample_index=len(req.output_token_ids), seed=req.seed, prompt_len=seq.prompt_len,
-            state_start=seq.state_start if replay else 0, cached_until=seq.cached_until if replay else 0,
-            restore_snapshot=seq.restore_snapshot if seq.fresh else None, save_snapshot=snap,
-            fresh=seq.fresh, prior_tokens=seq.tokens[:s] if seq.fresh and s > 0 else None,
-        )  # fmt: skip
+            seq_id=seq.seq_id,
+            slot=seq.slot,
+            block_ids=list(seq.block_ids),
+            tokens=seq.tokens[s:end],
+            start=s,
+            sample=end == len(seq.tokens),
+            sampling=req.sampling,
+            sample_index=len(req.output_token_ids),
+            seed=req.seed,
+            prompt_len=seq.prompt_len,
+            state_start=seq.state_start if replay else 0,
+            cached_until=seq.cached_until if replay else 0,
+            restore_snapshot=seq.restore_snapshot if seq.fresh else None,
+            save_snapshot=snap,
+            fresh=seq.fresh,
+            prior_tokens=seq.tokens[:s] if seq.fresh and s > 0 else None,
+        )
         return Scheduled(seq, work, end, snap, seq.is_decoding)
 
     def _key(self, seq: Sequence, index: int) -> bytes:
@@ -252,7 +272,7 @@ class Scheduler:
         available blocks (spreading load). With one shard: shard 0 and every hit."""
         best, why = None, None
         for k in range(self.limits.num_seq_shards):
-            usable = list(itertools.takewhile(lambda e: self.limits.block_shard(e.block_id) == k, hits))
+            usable = list(itertools.takewhile(lambda e, k=k: self.limits.block_shard(e.block_id) == k, hits))
             reserved = sum(1 for e in usable if self.bm.refcount(e.block_id) == 0)
             reason = self.bm.shortfall(total - len(usable), reserved, k)
             if reason is not None:

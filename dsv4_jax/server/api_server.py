@@ -99,8 +99,11 @@ def build_app(state: ServerState, stop_engine_on_shutdown: bool = True) -> FastA
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             token.strip().encode(), state.api_key.encode()
         ):
-            raise APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")  # fmt: skip
+            raise APIError(
+                401,
+                "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+            )
 
     v1 = [Depends(auth)]
 
@@ -120,8 +123,13 @@ def build_app(state: ServerState, stop_engine_on_shutdown: bool = True) -> FastA
 
     @app.get("/v1/models", dependencies=v1)
     async def models():
-        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "dsv4-jax",
-                "max_model_len": state.max_model_len}  # fmt: skip
+        card = {
+            "id": state.model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "dsv4-jax",
+            "max_model_len": state.max_model_len,
+        }
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", dependencies=v1)

@@ -126,8 +126,10 @@ class ReasoningSplitter:
         if i >= 0:
             self.in_reasoning = False
             return text[:i], text[i + len(END_THINK) :]
-        keep = next((k for k in range(min(len(END_THINK) - 1, len(text)), 0, -1)
-                     if END_THINK.startswith(text[-k:])), 0)  # fmt: skip
+        keep = next(
+            (k for k in range(min(len(END_THINK) - 1, len(text)), 0, -1) if END_THINK.startswith(text[-k:])),
+            0,
+        )
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], ""
 

@@ -6,9 +6,11 @@ loop is
 
 1. drain the submission queue (``add`` / ``abort``), blocking only while idle;
 2. ``engine.step()``;
-3. publish each request's delta to its ``RequestStream`` (an ``asyncio.Queue`` on the
-   server's loop) with ``loop.call_soon_threadsafe``; a finished request is released
-   from the engine and its metrics recorded;
+3. publish each of the step's ``RequestOutput``s (engine/output.py: the delta, its
+   logprobs, the token counts) to its request's ``RequestStream`` (an ``asyncio.Queue`` on
+   the server's loop) with ``loop.call_soon_threadsafe``; a finished request is released
+   from the engine and its metrics recorded. The handlers read those outputs and nothing
+   else: they never see the engine's ``Request``;
 4. publish a copy of ``engine.stats()`` for ``/metrics`` (the HTTP side never touches the
    engine).
 
@@ -17,13 +19,14 @@ Failure containment: a refused request (``RequestRefused``: over the context or 
 from ``step()`` fails the requests in flight (500, "engine error"), is logged, and the
 loop continues. ``begin_drain`` (graceful shutdown) refuses new requests, lets running
 ones finish until the deadline, then aborts the rest with a reason the client is given.
+The server's reason for stopping a request is an ``APIError`` passed to
+``LLMEngine.abort``, which hands it back on the request's final output (``error``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import queue
 import threading
 import time
@@ -31,40 +34,25 @@ import time
 from absl import logging
 
 from dsv4_jax.engine.llm_engine import LLMEngine
+from dsv4_jax.engine.output import RequestOutput
 from dsv4_jax.engine.request import RequestRefused
-from dsv4_jax.engine.runner_api import SamplingParams
+from dsv4_jax.engine.sampling_params import SamplingParams
 from dsv4_jax.server.protocol import APIError
 
 STATS_INTERVAL_S = 0.05  # a stats snapshot at most this often while busy
 
 
-@dataclasses.dataclass
-class Delta:
-    """What one engine step produced for one request, as the handler sees it."""
-
-    token_ids: list[int]
-    text: str
-    finished: bool
-    finish_reason: str | None = None
-    logprobs: list | None = None  # (logprob, top [(id, logprob)]) per token in token_ids
-    stop_reason: int | str | None = None
-    num_prompt_tokens: int = 0  # set on the final delta
-    num_output_tokens: int = 0
-    error: APIError | None = None  # why an aborted request stopped, if the server stopped it
-
-
 class RequestStream:
-    """The handler's end of one request: ``await`` admission, then ``async for`` deltas."""
+    """The handler's end of one request: ``await`` admission, then ``async for`` the engine's
+    ``RequestOutput``s (the last has ``finished``; its ``error`` says why the server stopped
+    the request, if it did)."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
         self.request_id = request_id
         self.loop = loop
         self.admitted: asyncio.Future = loop.create_future()
-        self._queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.finished = False
-        # engine-thread side
-        self.sent = 0
-        self.abort_error: APIError | None = None
 
     def _post(self, fn, *args) -> None:
         try:
@@ -79,13 +67,13 @@ class RequestStream:
 
         self._post(set_)
 
-    def _push(self, d: Delta) -> None:
-        self._post(self._queue.put_nowait, d)
+    def _push(self, o: RequestOutput) -> None:
+        self._post(self._queue.put_nowait, o)
 
     def __aiter__(self):
         return self
 
-    async def __anext__(self) -> Delta:
+    async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
         d = await self._queue.get()
@@ -97,7 +85,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, metrics=None, profiler=None):
         self.engine = engine
         self.metrics = metrics
-        self.profiler = profiler  # dsv4_jax.profiler.StepProfiler or None
+        self.profiler = profiler  # dsv4_jax.engine.runner.profiler.StepProfiler or None
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self._inbox: queue.Queue = queue.Queue()
@@ -153,13 +141,18 @@ class AsyncEngine:
             self._ids += 1
             return f"req-{self._ids}"
 
-    async def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-                  ) -> RequestStream:  # fmt: skip
+    async def add(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestStream:
         """Submit a request; returns once the engine admitted it (queued counts), or raises
         ``APIError`` (400 for a refused request, 503 while shutting down)."""
         if self.draining or not self.alive:
-            raise APIError(503, "The server is shutting down and accepts no new requests.", type="server_error",
-                           code="server_shutting_down")  # fmt: skip
+            raise APIError(
+                503,
+                "The server is shutting down and accepts no new requests.",
+                type="server_error",
+                code="server_shutting_down",
+            )
         s = RequestStream(request_id or self.new_id(), asyncio.get_running_loop())
         self._inbox.put(("add", s, list(prompt_ids), params, time.monotonic()))
         try:
@@ -195,15 +188,27 @@ class AsyncEngine:
             busy = need_step or eng.has_unfinished()
             need_step |= self._drain_inbox(block=not busy)
             if self._stop.is_set():
-                self._abort_all(APIError(503, "The server stopped before this request finished.",
-                                         type="server_error", code="server_shutting_down"))  # fmt: skip
+                self._abort_all(
+                    APIError(
+                        503,
+                        "The server stopped before this request finished.",
+                        type="server_error",
+                        code="server_shutting_down",
+                    )
+                )
                 self._publish(eng.step())
                 self.stats = self._snapshot()
                 return
             if self._deadline is not None and time.monotonic() >= self._deadline and self._streams:
-                self._abort_all(APIError(503, "The server is shutting down; this request was stopped at the "
-                                         "end of the shutdown grace period.", type="server_error",
-                                         code="server_shutting_down"))  # fmt: skip
+                self._abort_all(
+                    APIError(
+                        503,
+                        "The server is shutting down; this request was stopped at the "
+                        "end of the shutdown grace period.",
+                        type="server_error",
+                        code="server_shutting_down",
+                    )
+                )
                 need_step = True
             if not (need_step or eng.has_unfinished()):
                 self.stats = self._snapshot()
@@ -248,7 +253,8 @@ class AsyncEngine:
 
     def _admit(self, s: RequestStream, ids: list[int], params: SamplingParams, submitted: float) -> None:
         try:
-            rid = self.engine.add_request(ids, params, request_id=s.request_id)
+            # TTFT from the handler's submission
+            rid = self.engine.add_request(ids, params, request_id=s.request_id, arrival=submitted)
         except (RequestRefused, ValueError) as e:
             s._admit(APIError(400, str(e), param="prompt", code=_refusal_code(str(e))))
             return
@@ -256,52 +262,47 @@ class AsyncEngine:
             logging.exception("add_request failed")
             s._admit(APIError(500, f"engine error: {e!r}", type="server_error"))
             return
-        self.engine.get_request(rid).metrics.arrival = submitted  # TTFT from the handler's submission
         self._streams[rid] = s
         if self.metrics is not None:
             self.metrics.on_admit(len(ids))
         s._admit(None)
 
-    def _publish(self, outs) -> None:
-        eng = self.engine
+    def _publish(self, outs: list[RequestOutput], record: bool = True) -> None:
+        """Hand each output to its stream; release finished requests (and, if ``record``,
+        count them in the metrics)."""
         for o in outs:
             s = self._streams.get(o.request_id)
             if s is None:
                 continue
-            req = eng.get_request(o.request_id)
-            n = len(o.new_token_ids)
-            lps = req.logprobs[s.sent : s.sent + n] if req.logprobs is not None else None
-            s.sent += n
-            d = Delta(list(o.new_token_ids), o.new_text, o.finished, o.finish_reason, lps)
-            if self.metrics is not None:
-                self.metrics.on_tokens(n)
+            if self.metrics is not None and record:
+                self.metrics.on_tokens(len(o.token_ids))
             if o.finished:
-                eng.release(o.request_id)
+                self.engine.release(o.request_id)
                 del self._streams[o.request_id]
-                d.stop_reason, d.error = req.stop_reason, s.abort_error
-                d.num_prompt_tokens, d.num_output_tokens = (
-                    len(req.prompt_token_ids),
-                    len(req.output_token_ids),
-                )
-                if self.metrics is not None:
-                    self.metrics.on_finish(req)
-            s._push(d)
+                if self.metrics is not None and record:
+                    self.metrics.on_finish(o)
+            s._push(o)
 
     def _abort_all(self, err: APIError) -> None:
-        for rid, s in list(self._streams.items()):
-            s.abort_error = err
-            self.engine.abort(rid)
+        for rid in list(self._streams):
+            self.engine.abort(rid, error=err)
 
     def _fail_all(self, err: APIError) -> None:
-        """After a failed step the engine's state for these requests is suspect: drop them."""
-        for rid, s in list(self._streams.items()):
+        """After a failed step the engine's state for these requests is suspect: abort them all
+        and publish their final outputs (not counted as served requests). Should even that
+        fail, each stream still gets a final output carrying the error."""
+        outs: list[RequestOutput] = []
+        with contextlib.suppress(Exception):
+            for rid in self._streams:
+                self.engine.abort(rid, error=err)
+            outs = self.engine.step()  # nothing left to run: just the abort outputs
+        self._publish(outs, record=False)
+        for rid, s in self._streams.items():
             with contextlib.suppress(Exception):
                 self.engine.abort(rid)
                 self.engine.release(rid)
-            s._push(Delta([], "", True, "abort", error=err))
+            s._push(RequestOutput(rid, finished=True, finish_reason="abort", error=err))
         self._streams.clear()
-        with contextlib.suppress(Exception):
-            self.engine.step()  # flush the abort notices of the requests just dropped
 
 
 def _refusal_code(msg: str) -> str | None:

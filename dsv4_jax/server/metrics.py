@@ -4,7 +4,7 @@ Two kinds of source, each read on the thread that owns it:
 
 * per-request events, recorded by the engine thread as requests are admitted, produce
   tokens and finish (counters and the TTFT / inter-token / end-to-end histograms, from the
-  engine's own timestamps in ``RequestMetrics``);
+  engine's own timestamps in ``RequestMetrics``, which the final ``RequestOutput`` carries);
 * engine gauges (running / waiting sequences, pool usage, prefix-cache counters), copied
   from the snapshot of ``LLMEngine.stats()`` the engine thread publishes after its steps, when
   a scrape arrives. The HTTP side never calls into the engine: it is not thread-safe.
@@ -26,12 +26,70 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "dsv4"
 prom.disable_created_metrics()  # no `_created` series: they double the exposition and nobody scrapes them
-TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0, 160.0)  # fmt: skip
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
-               0.4, 0.5, 0.75, 1.0, 2.5)  # fmt: skip
-E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-               240.0, 480.0)  # fmt: skip
+TTFT_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+E2E_BUCKETS = (
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+)
 
 
 class ServerMetrics:
@@ -39,24 +97,34 @@ class ServerMetrics:
         self.registry = r = prom.CollectorRegistry()
         self.per_kind = per_kind_bytes_per_token or {}
         p = PREFIX
-        self.requests = prom.Counter(f"{p}_requests", "Finished requests, by finish reason", ["finish_reason"],
-                                     registry=r)  # fmt: skip
-        self.refused = prom.Counter(f"{p}_requests_refused", "Requests rejected with an error, by HTTP status",
-                                    ["status"], registry=r)  # fmt: skip
+        self.requests = prom.Counter(
+            f"{p}_requests", "Finished requests, by finish reason", ["finish_reason"], registry=r
+        )
+        self.refused = prom.Counter(
+            f"{p}_requests_refused", "Requests rejected with an error, by HTTP status", ["status"], registry=r
+        )
         self.prompt_tokens = prom.Counter(
             f"{p}_prompt_tokens", "Prompt tokens of admitted requests", registry=r
         )
         self.generation_tokens = prom.Counter(f"{p}_generation_tokens", "Generated tokens", registry=r)
-        self.ttft = prom.Histogram(f"{p}_time_to_first_token_seconds", "Time to first token", buckets=TTFT_BUCKETS,
-                                   registry=r)  # fmt: skip
-        self.itl = prom.Histogram(f"{p}_inter_token_latency_seconds", "Time between consecutive output tokens",
-                                  buckets=ITL_BUCKETS, registry=r)  # fmt: skip
-        self.e2e = prom.Histogram(f"{p}_e2e_request_latency_seconds", "Arrival to finish", buckets=E2E_BUCKETS,
-                                  registry=r)  # fmt: skip
-        self.queue_time = prom.Histogram(f"{p}_request_queue_time_seconds", "Arrival to first scheduled",
-                                         buckets=E2E_BUCKETS, registry=r)  # fmt: skip
-        self.engine_errors = prom.Counter(f"{p}_engine_errors", "Engine steps that raised (requests failed)",
-                                          registry=r)  # fmt: skip
+        self.ttft = prom.Histogram(
+            f"{p}_time_to_first_token_seconds", "Time to first token", buckets=TTFT_BUCKETS, registry=r
+        )
+        self.itl = prom.Histogram(
+            f"{p}_inter_token_latency_seconds",
+            "Time between consecutive output tokens",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = prom.Histogram(
+            f"{p}_e2e_request_latency_seconds", "Arrival to finish", buckets=E2E_BUCKETS, registry=r
+        )
+        self.queue_time = prom.Histogram(
+            f"{p}_request_queue_time_seconds", "Arrival to first scheduled", buckets=E2E_BUCKETS, registry=r
+        )
+        self.engine_errors = prom.Counter(
+            f"{p}_engine_errors", "Engine steps that raised (requests failed)", registry=r
+        )
         self.info = prom.Info(f"{p}_model", "Served model", registry=r)
         self.info.info({"name": model_name})
         self._source = lambda: ({}, {})
@@ -76,9 +144,12 @@ class ServerMetrics:
         if n:
             self.generation_tokens.inc(n)
 
-    def on_finish(self, req) -> None:
-        m = req.metrics
-        self.requests.labels(req.finish_reason.value if req.finish_reason else "unknown").inc()
+    def on_finish(self, out) -> None:
+        """``out``: the request's final ``RequestOutput`` (its timestamps are complete)."""
+        m = out.metrics
+        self.requests.labels(out.finish_reason or "unknown").inc()
+        if m is None:
+            return
         if m.ttft is not None:
             self.ttft.observe(m.ttft)
         for dt in m.inter_token_latencies:
@@ -118,35 +189,46 @@ class _EngineCollector:
         # Blocks held by live sequences; blocks kept only by the prefix cache are evictable, so
         # they count as available (vLLM's definition) and are exported on their own.
         used = stats["blocks_total"] - stats["blocks_available"]
-        usage = GaugeMetricFamily(f"{p}_kv_usage_ratio", "Fraction of each state pool held by live sequences",
-                                  labels=["pool"])  # fmt: skip
+        usage = GaugeMetricFamily(
+            f"{p}_kv_usage_ratio", "Fraction of each state pool held by live sequences", labels=["pool"]
+        )
         usage.add_metric(["blocks"], used / max(1, stats["blocks_total"]))
         usage.add_metric(["slots"], 1 - stats["slots_free"] / max(1, stats["slots_total"]))
         if stats["snapshots_total"]:
             usage.add_metric(["snapshots"], 1 - stats["snapshots_free"] / stats["snapshots_total"])
         yield usage
         if self.m.per_kind and self.m.block_tokens:
-            fam = GaugeMetricFamily(f"{p}_kv_pool_bytes", "Bytes of each compressed pool held by live sequences",
-                                    labels=["pool"])  # fmt: skip
+            fam = GaugeMetricFamily(
+                f"{p}_kv_pool_bytes", "Bytes of each compressed pool held by live sequences", labels=["pool"]
+            )
             for kind, per_token in self.m.per_kind.items():
                 fam.add_metric([kind], used * self.m.block_tokens * per_token)
             yield fam
-        yield gauge("kv_bytes_in_use", "Bytes of decode state in use (live sequences and cached prefixes)",
-                    stats["kv_bytes_in_use"])  # fmt: skip
+        yield gauge(
+            "kv_bytes_in_use",
+            "Bytes of decode state in use (live sequences and cached prefixes)",
+            stats["kv_bytes_in_use"],
+        )
         yield gauge(
             "kv_blocks_cached", "Blocks held only by the prefix cache (evictable)", stats["blocks_cached"]
         )
         hits, queries = since("prefix_cache_hit_tokens"), since("prefix_cache_query_tokens")
-        yield gauge("prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / tokens looked up",
-                    hits / queries if queries else 0.0)  # fmt: skip
+        yield gauge(
+            "prefix_cache_hit_rate",
+            "Prompt tokens served from the prefix cache / tokens looked up",
+            hits / queries if queries else 0.0,
+        )
         for name, doc, value in (
             ("prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", hits),
             ("prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache", queries),
-            ("prefix_cache_recompute_tokens", "Tokens replayed to rebuild SWA state on hits",
-             since("prefix_cache_recompute_tokens")),
+            (
+                "prefix_cache_recompute_tokens",
+                "Tokens replayed to rebuild SWA state on hits",
+                since("prefix_cache_recompute_tokens"),
+            ),
             ("num_preemptions", "Sequences preempted (recomputed later)", since("preemptions")),
             ("engine_steps", "Engine steps run", since("steps")),
-        ):  # fmt: skip
+        ):
             fam = CounterMetricFamily(f"{p}_{name}", doc)
             fam.add_metric([], value)
             yield fam

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dsv4_jax.engine.runner_api import SamplingParams
+from dsv4_jax.engine.sampling_params import SamplingParams
 
 MAX_N = 128  # choices per prompt (OpenAI's own cap)
 MAX_BATCH_PROMPTS = 1024  # prompts in one /v1/completions call
@@ -31,8 +31,14 @@ MAX_BATCH_PROMPTS = 1024  # prompts in one /v1/completions call
 class APIError(Exception):
     """An error returned to the client in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -121,19 +127,25 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
             400, f"We could not parse the JSON body of your request ({e}).", code="invalid_json"
         ) from None
     if not isinstance(obj, dict):
-        raise APIError(400, f"The request body must be a JSON object, got {type(obj).__name__}.",
-                       code="invalid_json")  # fmt: skip
+        raise APIError(
+            400, f"The request body must be a JSON object, got {type(obj).__name__}.", code="invalid_json"
+        )
     try:
         return model.model_validate(obj)
     except ValidationError as e:
         err = e.errors()[0]
         param = str(err["loc"][0]) if err["loc"] else None
         if err["type"] == "extra_forbidden":
-            raise APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
-                           code="unrecognized_argument") from None  # fmt: skip
+            raise APIError(
+                400,
+                f"Unrecognized request argument supplied: {param}",
+                param=param,
+                code="unrecognized_argument",
+            ) from None
         if err["type"] == "missing":
-            raise APIError(400, f"Missing required parameter: '{param}'.", param=param,
-                           code="missing_required_parameter") from None  # fmt: skip
+            raise APIError(
+                400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+            ) from None
         where = ".".join(str(x) for x in err["loc"])
         code = "invalid_type" if err["type"].endswith("_type") else "invalid_value"
         raise APIError(400, f"Invalid value for '{where}': {err['msg']}.", param=param, code=code) from None
@@ -172,8 +184,15 @@ def sampling_params(
     """The engine's ``SamplingParams``; its validation errors (``SamplingParams.<field>: ...``)
     become a 400 naming the OpenAI parameter."""
     kw: dict[str, Any] = {"max_tokens": max_tokens, "ignore_eos": req.ignore_eos, "logprobs": logprobs}
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty"):  # fmt: skip
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    ):
         if getattr(req, name) is not None:
             kw[name] = getattr(req, name)
     if req.seed is not None:
@@ -199,19 +218,34 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def completion_body(rid: str, model: str, choices: list[dict], use: dict | None) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": use}  # fmt: skip
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": use,
+    }
 
 
 def chat_body(rid: str, model: str, choices: list[dict], use: dict | None, chunk: bool = False) -> dict:
     obj = "chat.completion.chunk" if chunk else "chat.completion"
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices,
-            "usage": use}  # fmt: skip
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": use,
+    }
 
 
 def sse(obj: dict | str) -> bytes:

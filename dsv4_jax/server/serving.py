@@ -7,7 +7,9 @@ reproducible). Streams of the choices are merged in arrival order; each chunk ca
 its choice ``index``.
 
 Usage: ``prompt_tokens`` counts each prompt once, ``completion_tokens`` every generated
-token of every choice (including the EOS that ended it, as vLLM counts). A stream always
+token of every choice (including the EOS that ended it, as vLLM counts): the sum of the
+choices' final ``RequestOutput.num_output_tokens``. Text, token ids and logprobs come from
+the engine's outputs too; the handlers keep no count of their own. A stream always
 reports usage: on the final chunk, or, with ``stream_options.include_usage``, in a separate
 last chunk with no choices, as OpenAI sends it.
 
@@ -25,29 +27,43 @@ from absl import logging
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from dsv4_jax.engine.output import RequestOutput
 from dsv4_jax.server import encoding
 from dsv4_jax.server import protocol as P
-from dsv4_jax.server.engine_thread import Delta, RequestStream
+from dsv4_jax.server.engine_thread import RequestStream
 
 
 # ----------------------------------------------------------------------------- shared steps
 def check_model(state, model: str) -> None:
     if model != state.model_name:
-        raise P.APIError(404, f"The model `{model}` does not exist. This server serves `{state.model_name}`.",
-                         param="model", code="model_not_found")  # fmt: skip
+        raise P.APIError(
+            404,
+            f"The model `{model}` does not exist. This server serves `{state.model_name}`.",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def check_context(state, n_prompt: int, max_tokens: int | None, what: str) -> None:
     """Prompt and completion must fit the context; OpenAI's wording and code."""
     limit = state.max_model_len
     if n_prompt >= limit:
-        raise P.APIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} has "
-                         f"{n_prompt} tokens, and the completion needs at least one more.", param=what,
-                         code="context_length_exceeded")  # fmt: skip
+        raise P.APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, your {what} has "
+            f"{n_prompt} tokens, and the completion needs at least one more.",
+            param=what,
+            code="context_length_exceeded",
+        )
     if max_tokens is not None and max_tokens >= 1 and n_prompt + max_tokens > limit:
-        raise P.APIError(400, f"'max_tokens' is too large: {max_tokens}. This model's maximum context length is "
-                         f"{limit} tokens and your request has {n_prompt} input tokens ({max_tokens} > {limit} - "
-                         f"{n_prompt}).", param="max_tokens", code="context_length_exceeded")  # fmt: skip
+        raise P.APIError(
+            400,
+            f"'max_tokens' is too large: {max_tokens}. This model's maximum context length is "
+            f"{limit} tokens and your request has {n_prompt} input tokens ({max_tokens} > {limit} - "
+            f"{n_prompt}).",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
 
 
 async def tokenize(state, text: str) -> list[int]:
@@ -72,7 +88,7 @@ async def submit(state, jobs) -> list[RequestStream]:
     return streams
 
 
-async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Delta]]:
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(choice index, delta) from every stream, in arrival order, until all have finished."""
     if len(streams) == 1:
         async for d in streams[0]:
@@ -101,7 +117,7 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def collect(request: Request, state, streams: list[RequestStream]) -> list[list[Delta]] | None:
+async def collect(request: Request, state, streams: list[RequestStream]) -> list[list[RequestOutput]] | None:
     """Every stream's deltas; None if the client went away first (its requests are aborted)."""
 
     async def one(s):
@@ -127,7 +143,7 @@ def abort_unfinished(state, streams) -> None:
             state.engine.abort(s.request_id)
 
 
-def first_error(deltas: list[list[Delta]]) -> P.APIError | None:
+def first_error(deltas: list[list[RequestOutput]]) -> P.APIError | None:
     return next((ds[-1].error for ds in deltas if ds and ds[-1].error is not None), None)
 
 
@@ -193,7 +209,7 @@ async def completions(state, request: Request) -> Response:
                 if not (d.token_ids or d.text or d.finished):
                     continue
                 left -= d.finished
-                n_out += d.num_output_tokens
+                n_out += d.num_output_tokens if d.finished else 0
                 c = choice(
                     i, d.text, d, d.token_ids, d.logprobs, offsets[i], d.finish_reason if d.finished else None
                 )
@@ -259,8 +275,15 @@ async def chat_completions(state, request: Request) -> Response:
                 lp = P.chat_logprobs(
                     tok, [t for d in ds for t in d.token_ids], [x for d in ds for x in (d.logprobs or [])]
                 )
-            choices.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": ds[-1].finish_reason,
-                            "stop_reason": ds[-1].stop_reason})  # fmt: skip
+            choices.append(
+                {
+                    "index": i,
+                    "message": msg,
+                    "logprobs": lp,
+                    "finish_reason": ds[-1].finish_reason,
+                    "stop_reason": ds[-1].stop_reason,
+                }
+            )
             n_out += ds[-1].num_output_tokens
         return JSONResponse(P.chat_body(rid, model, choices, P.usage(len(ids), n_out)))
 

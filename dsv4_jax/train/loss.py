@@ -18,11 +18,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from dsv4_jax.checkpoint import layout, placement
 from dsv4_jax.config import Config
-from dsv4_jax.model import ModelOptions, forward
-from dsv4_jax.params import param_infos
+from dsv4_jax.model.params import from_native, param_infos, to_native
+from dsv4_jax.model.transformer import ModelOptions, forward
 from pallas_kernels import mxfp4
 
 F32 = jnp.float32
@@ -33,9 +34,13 @@ def is_trainable(x) -> bool:
 
 
 def split(params):
-    """(float leaves, the rest) as two trees with ``None`` holes (``tid2eid`` is not trained)."""
-    return (jax.tree.map(lambda x: x if is_trainable(x) else None, params),
-            jax.tree.map(lambda x: None if is_trainable(x) else x, params))  # fmt: skip
+    """(float leaves, the rest) as two native trees (``model.params.to_native``: the checkpoint's
+    names, what training and export work on) with ``None`` holes (``tid2eid`` is not trained)."""
+    params = to_native(params) if isinstance(params, nnx.State) else params
+    return (
+        jax.tree.map(lambda x: x if is_trainable(x) else None, params),
+        jax.tree.map(lambda x: None if is_trainable(x) else x, params),
+    )
 
 
 def merge(a, b):
@@ -122,8 +127,14 @@ def retrieval_hint(tap: dict, positions, answer_mask, source_mask) -> jax.Array:
     return -jnp.sum(jnp.log(mass + 1e-9) * valid) / jnp.maximum(valid.sum(), 1.0)
 
 
-def make_loss(cfg: Config, frozen, formats, opts: ModelOptions | None = None, kl_weight: float = 1.0,
-              hint_weight: float = 0.0):
+def make_loss(
+    cfg: Config,
+    frozen,
+    formats,
+    opts: ModelOptions | None = None,
+    kl_weight: float = 1.0,
+    hint_weight: float = 0.0,
+):
     """``loss(trainable, tokens, text_mask, answer_mask, source_mask) -> (total, metrics)``.
 
     ``tokens`` i32[B,L+1]; masks f32[B,L] (``data.train_batch``). Total = mean natural-text CE
@@ -133,21 +144,27 @@ def make_loss(cfg: Config, frozen, formats, opts: ModelOptions | None = None, kl
 
     def loss(trainable, tokens, text_mask, answer_mask, source_mask):
         params = jax.tree.map(
-            lambda w, f: w if w is None else fake_quant(w, f), trainable, formats,
+            lambda w, f: w if w is None else fake_quant(w, f),
+            trainable,
+            formats,
             is_leaf=lambda x: x is None,
-        )  # fmt: skip
+        )
         params = merge(params, frozen)
         inp, tgt = tokens[:, :-1], tokens[:, 1:]
         positions = jnp.broadcast_to(jnp.arange(inp.shape[1], dtype=jnp.int32), inp.shape)
         taps: list = []
-        logits, _ = forward(params, inp, positions, cfg=cfg, opts=opts or ModelOptions(), taps=taps)
+        logits, _ = forward(
+            from_native(cfg, params), inp, positions, cfg=cfg, opts=opts or ModelOptions(), taps=taps
+        )
         ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tgt[..., None], -1)[..., 0]
         lm = jnp.sum(ce * text_mask) / jnp.maximum(text_mask.sum(), 1.0)
         ans = jnp.sum(ce * answer_mask) / jnp.maximum(answer_mask.sum(), 1.0)
         kl = sum((indexer_kl(t, positions) for t in taps), jnp.zeros((), F32)) / max(len(taps), 1)
         hint = jnp.zeros((), F32)
         if hint_weight:
-            hint = sum(retrieval_hint(t, positions, answer_mask, source_mask) for t in taps) / max(len(taps), 1)
+            hint = sum(retrieval_hint(t, positions, answer_mask, source_mask) for t in taps) / max(
+                len(taps), 1
+            )
         hit = jnp.sum((jnp.argmax(logits, -1) == tgt) * answer_mask) / jnp.maximum(answer_mask.sum(), 1.0)
         total = lm + ans + kl_weight * kl + hint_weight * hint
         return total, {"lm": lm, "answer": ans, "kl": kl, "hint": hint, "answer_acc": hit}
@@ -157,5 +174,6 @@ def make_loss(cfg: Config, frozen, formats, opts: ModelOptions | None = None, kl
 
 def quantized_float_params(params, formats):
     """The float values the checkpoint will hold (each leaf rounded to its storage format)."""
-    return jax.tree.map(lambda w, f: np.asarray(fake_quant(w, f)) if is_trainable(w) else np.asarray(w),
-                        params, formats)  # fmt: skip
+    return jax.tree.map(
+        lambda w, f: np.asarray(fake_quant(w, f)) if is_trainable(w) else np.asarray(w), params, formats
+    )

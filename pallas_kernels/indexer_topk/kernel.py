@@ -150,6 +150,7 @@ def indexer_topk(
     ``split_entries`` (power of two ≥ topk, multiple of ``block_k``) is the entry range of
     one program; ``None`` picks ``max(pow2 ≥ topk, min(4096, pow2 ≥ capacity))``.
     """
+    keys = kv_format.logical(keys)  # keys held as bits: a view
     validate_indexer_args(q, w, keys, block_table, start, q_lens, ratio, topk)
     b, t, h, d = q.shape
     e_per_block = keys.shape[1]

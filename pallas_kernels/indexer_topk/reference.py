@@ -6,7 +6,7 @@ For query ``t`` of sequence ``b`` at position ``p = start[b] + t`` and compresse
 ``I[t,e] = Σ_h w[t,h]·ReLU(q[t,h]·K[e])``, visible iff ``e < (p+1) // ratio``. The result
 is the ``topk`` visible entries with the highest scores, ordered by score (ties: lower
 entry first, as ``lax.top_k``), and −1 (score −inf) where fewer than ``topk`` are visible.
-The output width is always ``topk``: unlike ``dsv4_jax.indexer.select_topk`` (``min(topk,
+The output width is always ``topk``: unlike ``dsv4_jax.model.indexer.select_topk`` (``min(topk,
 S)`` for a dense cache of S entries) a paged cache has no meaningful static S. Query rows
 ``t ≥ q_lens[b]`` (padding of a ragged chunk) return all −1.
 """
@@ -14,6 +14,7 @@ S)`` for a dense cache of S entries) a paged cache has no meaningful static S. Q
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -77,8 +78,8 @@ def indexer_topk_reference(
     topk: int,
 ) -> tuple[jax.Array, jax.Array]:  # (i32[B,T,topk] entry ids, f32[B,T,topk] their scores)
     """Dense scores over every key slot, causal mask, ``lax.top_k``, −1 for invisible picks."""
-    validate_indexer_args(q, w, keys, block_table, start, q_lens, ratio, topk)
-    b, t = q.shape[:2]
+    validate_indexer_args(q, w, kv_format.logical_shapes(keys), block_table, start, q_lens, ratio, topk)
+    t = q.shape[1]
     kd = paged_keys(keys, block_table)  # [B,C,D]
     cap = kd.shape[1]
     kd = jnp.where(jnp.isnan(kd), 0.0, kd)  # unused (poisoned) slots are masked below anyway

@@ -122,6 +122,8 @@ def _grouped(
     name,
 ):
     m = x.shape[0]
+    # tiles no larger than the matrix (small test models); a larger tile would only be masked
+    block_n, block_k = min(block_n, streams[0].shape[1]), min(block_k, streams[0].shape[2])
     n, kdim = _check_blocks(x, streams[0], block_m, block_n, block_k)
     meta = tile_schedule(group_sizes, m, block_m, kdim // block_k)
     args = [meta, x]

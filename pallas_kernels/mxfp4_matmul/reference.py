@@ -10,12 +10,13 @@ in bf16, so only the accumulation order can differ from the kernel.
 ``w1`` (gate) and ``w3`` (up) share the input and are fused with the clamped SwiGLU
 ``silu(min(g, limit))·clip(u, −limit, limit)`` times the routing weight of the row
 (the weight multiplies the hidden before ``w2``, §6); ``w2`` (down) is a plain grouped
-matmul; the per-token sum over choices is a scatter-add, as in ``dsv4_jax.moe``.
+matmul; the per-token sum over choices is a scatter-add, as in ``dsv4_jax.model.moe``.
 """
 
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -123,7 +124,7 @@ def moe_experts_reference(
     *,
     limit: float,
 ) -> jax.Array:  # f32[N, D]
-    """``Σ_choices (w·swiglu(x@w1ᵀ, x@w3ᵀ)) @ w2ᵀ``: ``dsv4_jax.moe.routed_experts`` on MXFP4."""
+    """``Σ_choices (w·swiglu(x@w1ᵀ, x@w3ᵀ)) @ w2ᵀ``: ``dsv4_jax.model.moe.routed_experts`` on MXFP4."""
     validate_moe_args(x, idx, weights, w1, w2, w3)
     order, tok, sizes = sort_by_expert(idx, w1.packed.shape[0])
     h = mxfp4_swiglu_reference(x[tok], w1, w3, sizes, weights.reshape(-1)[order], limit=limit)

@@ -94,7 +94,7 @@ def _body(
 ):
     """One program: query ``i = b·T + t``, split ``s``, head block ``hb``."""
     it = iter(refs)
-    q_ref, kv_ref, slot_ref, start_ref, qlen_ref, sink_ref = (next(it) for _ in range(6))
+    q_ref, kv_ref, slot_ref, start_ref, qlen_ref, first_ref, sink_ref = (next(it) for _ in range(7))
     ring = tuple(next(it) for _ in range(3)) if fp8 else next(it)
     if mode != "swa":
         pool = tuple(next(it) for _ in range(3)) if fp8 else next(it)
@@ -134,11 +134,12 @@ def _body(
 
     def window_part(carry):
         slot = slot_ref[b]
+        first = first_ref[b]  # ring rows below it do not exist (a replay's first position)
 
         def ring_tile(j, c):
             r = j * block_k + lane
             p = start - 1 - (start - 1 - r + window) % window
-            valid = (r < window) & (p >= 0) & (p > qpos - window) & live
+            valid = (r < window) & (p >= first) & (p > qpos - window) & live
             return step(c, slot * window + jnp.minimum(r, window - 1), valid, ring)
 
         c = lax.fori_loop(0, cm.cdiv(window, block_k), ring_tile, carry)
@@ -216,6 +217,7 @@ def sparse_attention(
     start: jax.Array,  # i32[B]
     q_lens: jax.Array,  # i32[B]
     *,
+    state_start: jax.Array | None = None,  # i32[B] first position the ring holds (None: 0)
     ratio: int = 0,
     block_k: int = 32,
     block_h: int | None = None,
@@ -230,9 +232,13 @@ def sparse_attention(
     are zero-padded to ≥ 16 for the Triton dot; ``None``: at most 16K accumulator elements
     per program, 32 heads at K=512), ``num_splits`` programs per query over the compressed
     rows (``None``: enough programs to fill a GPU at small B·T). ``interpret``: ``None``
-    picks interpret mode on CPU or with ``KERNEL_INTERPRET=1``. Untuned on GPU.
+    picks interpret mode on a CPU backend. Untuned on GPU.
     """
-    validate_attention_args(q, kv, ring, ring_slot, pool, block_table, topk, sink, start, q_lens, ratio)
+    ring, pool = kv_format.logical(ring), kv_format.logical(pool)  # pools held as bits: a view
+    validate_attention_args(
+        q, kv, ring, ring_slot, pool, block_table, topk, sink, start, q_lens, ratio, state_start
+    )
+    state_start = jnp.zeros_like(start) if state_start is None else state_start
     for name, v in (("block_k", block_k), ("block_h", block_h or 16)):
         if not cm.is_pow2(v) or v < 16:
             raise ValueError(f"{name}={v} must be a power of two >= 16")
@@ -246,7 +252,7 @@ def sparse_attention(
     bh = min(block_h or max(16, 16384 // cm.next_pow2(k)), hp)
     qp = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, 0))).reshape(b * t, hp, k)
     sinkp = jnp.pad(sink.astype(F32), (0, hp - h))
-    args = [qp, kv.reshape(b * t, k), ring_slot, start, q_lens, sinkp, *_refs_of(_flat(ring, 2))]
+    args = [qp, kv.reshape(b * t, k), ring_slot, start, q_lens, state_start, sinkp, *_refs_of(_flat(ring, 2))]
     e_per_block, n_blocks_max, n_ctiles = 1, 1, 0
     if mode != "swa":
         e_per_block, n_blocks_max = pool.shape[1], block_table.shape[1]

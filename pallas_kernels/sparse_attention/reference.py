@@ -15,8 +15,9 @@ plus a per-head sink logit whose value is zero (it only enlarges the denominator
 ``o = Σ_j exp(s_j)·kv_j / (Σ_j exp(s_j) + exp(sink_h))``, ``s_j = q·kv_j / √K``. The
 kernel consumes already-roped q and kv rows; it neither applies nor inverts RoPE.
 
-The ring holds positions ``< start[b]`` only: write the chunk's rows into the ring
-*after* the call (for T = 1 before is equally safe, because the slot it overwrites
+The ring holds positions in ``[state_start[b], start[b])`` only (``state_start``: the first
+position of a replay that rebuilds the state from a cached prefix; 0 otherwise): write
+the chunk's rows into the ring *after* the call (for T = 1 before is equally safe, because the slot it overwrites
 holds position ``p−W``, outside the window). Rows ``t ≥ q_lens[b]`` of a padded chunk
 are outputs of zeros.
 """
@@ -24,6 +25,7 @@ are outputs of zeros.
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -62,7 +64,7 @@ def _check_i32(name: str, x, shape: tuple[int, ...]) -> None:
 
 
 def validate_attention_args(
-    q, kv, ring, ring_slot, pool, block_table, topk, sink, start, q_lens, ratio: int
+    q, kv, ring, ring_slot, pool, block_table, topk, sink, start, q_lens, ratio: int, state_start=None
 ) -> None:
     """Trace-time shape checks shared by the kernel and the reference; errors name the argument."""
     if q.ndim != 4:
@@ -74,6 +76,8 @@ def validate_attention_args(
     _check_i32("ring_slot", ring_slot, (b,))
     _check_i32("start", start, (b,))
     _check_i32("q_lens", q_lens, (b,))
+    if state_start is not None:
+        _check_i32("state_start", state_start, (b,))
     if _shape(sink) != (h,):
         raise ValueError(f"sink: expected [H]={[h]}, got {list(_shape(sink))}")
     if pool is None:
@@ -126,10 +130,27 @@ def sparse_attention_reference(
     start: jax.Array,  # i32[B] position of chunk token 0
     q_lens: jax.Array,  # i32[B] valid tokens of the chunk (≤ T)
     *,
+    state_start: jax.Array | None = None,  # i32[B] first position the ring holds (None: 0)
     ratio: int = 0,
 ) -> jax.Array:  # [B,T,H,K] in q.dtype
-    """Dense masked softmax over [ring ‖ chunk ‖ compressed ‖ sink], the math of ``attend``."""
-    validate_attention_args(q, kv, ring, ring_slot, pool, block_table, topk, sink, start, q_lens, ratio)
+    """Dense masked softmax over [ring ‖ chunk ‖ compressed ‖ sink]: the model's attention
+    on the state path (CPU and the default), and the spec the kernel is tested against."""
+    shapes = kv_format.logical_shapes  # pools may be held as bits (kv_format.logical)
+    validate_attention_args(
+        q,
+        kv,
+        shapes(ring),
+        ring_slot,
+        shapes(pool),
+        block_table,
+        topk,
+        sink,
+        start,
+        q_lens,
+        ratio,
+        state_start,
+    )
+    first = jnp.zeros_like(start) if state_start is None else state_start
     b, t, h, k = q.shape
     window = ring.shape[1]
     pos = start[:, None] + jnp.arange(t)[None, :]  # i32[B,T]
@@ -137,7 +158,7 @@ def sparse_attention_reference(
 
     p_ring = ring_positions(start, window)  # [B,W]
     ring_keys = kv_format.dequantize_kv(kv_format.read_rows(ring, ring_slot))  # f32[B,W,K]
-    ring_mask = (p_ring[:, None, :] >= 0) & (p_ring[:, None, :] > pos[:, :, None] - window)
+    ring_mask = (p_ring[:, None, :] >= first[:, None, None]) & (p_ring[:, None, :] > pos[:, :, None] - window)
     d = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
     chunk_mask = jnp.broadcast_to((d >= 0) & (d < window), (b, t, t))
     segments = [(ring_keys, ring_mask), (kv.astype(F32), chunk_mask)]  # shared keys [B,S,K]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 
 from dsv4_jax.engine.runner_api import RunnerLimits, SampleOut, SeqWork, StepPlan
+from dsv4_jax.intmath import cdiv
 
 
 class ContractError(AssertionError):
@@ -42,6 +43,14 @@ def require(cond, msg):
 def fake_token(history, vocab, temperature=0.0, seed=0, sample_index=0) -> int:
     key = tuple(history) if temperature == 0 else (tuple(history), seed, sample_index)
     return hash(key) % vocab
+
+
+def fake_logprobs(token, n, vocab) -> tuple[float, list[tuple[int, float]]]:
+    """(chosen logprob, top ``n`` alternatives) the fake reports for ``token``, as the real
+    runner shapes them; they depend on the token, so a logprob shown against the wrong token
+    is caught."""
+    lp = -(1 + token % 7) / 8
+    return lp, [((token + k) % vocab, lp - k) for k in range(n)]
 
 
 def reference_generate(prompt, max_tokens, vocab, eos=None, temperature=0.0, seed=0):
@@ -114,7 +123,9 @@ class FakeRunner:
         for w in works:
             tok = self._run(w)
             if tok is not None:
-                out[w.seq_id] = SampleOut(tok, logprob=-1.0 if w.sampling.logprobs is not None else None)
+                n = w.sampling.logprobs
+                lp, top = fake_logprobs(tok, n, L.vocab_size) if n is not None else (None, None)
+                out[w.seq_id] = SampleOut(tok, logprob=lp, top_logprobs=top)
         return out
 
     def _run(self, w: SeqWork) -> int | None:
@@ -125,7 +136,9 @@ class FakeRunner:
         require(end <= len(w.block_ids) * bt, f"positions up to {end} but only {len(w.block_ids)} blocks")
         require(0 <= w.slot < L.num_slots, f"slot {w.slot} out of range")
         off = [b for b in w.block_ids if L.block_shard(b) != L.slot_shard(w.slot)]
-        require(not off, f"seq {w.seq_id}: slot {w.slot} is on shard {L.slot_shard(w.slot)} but uses blocks {off}")
+        require(
+            not off, f"seq {w.seq_id}: slot {w.slot} is on shard {L.slot_shard(w.slot)} but uses blocks {off}"
+        )
         require(w.state_start <= w.start, "state_start after start")
         if w.cached_until:
             require(end <= w.cached_until, "a replay chunk straddles cached_until")
@@ -153,8 +166,10 @@ class FakeRunner:
             self.saved.append((w.seq_id, end))
         if not w.sample:
             return None
-        require(end >= st.exact_from,
-                f"sample at {end}: replay from {w.state_start or '?'} shorter than window·num_layers")  # fmt: skip
+        require(
+            end >= st.exact_from,
+            f"sample at {end}: replay from {w.state_start or '?'} shorter than window·num_layers",
+        )
         sp = w.sampling
         return fake_token(st.hist, L.vocab_size, sp.temperature, w.seed, w.sample_index)
 
@@ -191,27 +206,33 @@ class FakeRunner:
         """Every block below ``upto`` must hold exactly this history (its compressed entries
         are read by every later position)."""
         bt = self.limits.block_tokens
-        for i in range(-(-upto // bt)):
+        for i in range(cdiv(upto, bt)):
             e = min((i + 1) * bt, upto)
             got = self.blocks.get(block_ids[i])
-            require(got is not None and len(got) >= e and got[:e] == tuple(hist[:e]),
-                    f"block {block_ids[i]} (index {i}) does not hold this history")  # fmt: skip
+            require(
+                got is not None and len(got) >= e and got[:e] == tuple(hist[:e]),
+                f"block {block_ids[i]} (index {i}) does not hold this history",
+            )
 
     def _write(self, w: SeqWork, hist, end):
         bt = self.limits.block_tokens
         lo = max(w.start, w.cached_until)
-        for i in range(w.start // bt, -(-end // bt)):
+        for i in range(w.start // bt, cdiv(end, bt)):
             a, b = max(i * bt, w.start), min((i + 1) * bt, end)
             bid = w.block_ids[i]
             if b <= lo:  # below cached_until: read the cached entries, write nothing
                 got = self.blocks.get(bid)
-                require(got is not None and len(got) >= b and got[:b] == tuple(hist[:b]),
-                        f"replay over block {bid}: cached entries of another history")  # fmt: skip
+                require(
+                    got is not None and len(got) >= b and got[:b] == tuple(hist[:b]),
+                    f"replay over block {bid}: cached entries of another history",
+                )
                 continue
             require(a >= lo, "write below cached_until")
             if self.bm is not None:
-                require(self.bm.is_exclusive(bid), f"write into shared or cached block {bid} "
-                        f"(refcount {self.bm.refcount(bid)})")  # fmt: skip
+                require(
+                    self.bm.is_exclusive(bid),
+                    f"write into shared or cached block {bid} (refcount {self.bm.refcount(bid)})",
+                )
             self.blocks[bid] = tuple(hist[:b])
 
 
@@ -225,9 +246,13 @@ def make_engine(
 
     runner = FakeRunner(**limit_kw)
     lim = runner.limits
-    cfg = EngineConfig(block_tokens=lim.block_tokens, swa_strategy=strategy, enable_prefix_cache=cache,
-                       checkpoint_interval=interval or 2 * lim.block_tokens,
-                       num_snapshots=lim.num_snapshots or (0 if strategy == "recompute" else 1))  # fmt: skip
+    cfg = EngineConfig(
+        block_tokens=lim.block_tokens,
+        swa_strategy=strategy,
+        enable_prefix_cache=cache,
+        checkpoint_interval=interval or 2 * lim.block_tokens,
+        num_snapshots=lim.num_snapshots or (0 if strategy == "recompute" else 1),
+    )
     engine = LLMEngine(runner, cfg, tokenizer, max_model_len=max_model_len)
     runner.bind(engine)
     runner.snapshot_interval = cfg.snapshot_interval
@@ -241,9 +266,26 @@ def drain(engine, max_steps=5000):
         if not engine.has_unfinished():
             return seen
         for o in engine.step():
-            seen.setdefault(o.request_id, []).extend(o.new_token_ids)
+            seen.setdefault(o.request_id, []).extend(o.token_ids)
     raise AssertionError(f"not idle after {max_steps} steps")
 
 
 def outputs(engine, rids):
     return [engine.get_request(r).output_token_ids for r in rids]
+
+
+def guard_request_writes(monkeypatch):
+    """Make any write into a ``Request`` or its ``RequestMetrics`` from outside ``dsv4_jax.engine``
+    raise: callers (``LLM``, the server) must only read the engine's outputs."""
+    import sys
+
+    from dsv4_jax.engine.request import Request, RequestMetrics
+
+    def guarded(self, name, value):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if not caller.startswith("dsv4_jax.engine."):
+            raise AssertionError(f"{caller} wrote {type(self).__name__}.{name}")
+        object.__setattr__(self, name, value)
+
+    for cls in (Request, RequestMetrics):
+        monkeypatch.setattr(cls, "__setattr__", guarded)

@@ -33,11 +33,11 @@ import pytest
 from state_utils import run as state_run
 
 from dsv4_jax import LLM, SamplingParams
-from dsv4_jax import kv_cache as kvc
 from dsv4_jax.checkpoint import load_checkpoint
 from dsv4_jax.engine import EngineConfig, LLMEngine
-from dsv4_jax.engine.model_runner import JaxModelRunner
-from dsv4_jax.model import ModelOptions
+from dsv4_jax.engine.runner.model_runner import JaxModelRunner
+from dsv4_jax.model import state as kvc
+from dsv4_jax.model.transformer import ModelOptions
 
 DEMO = "checkpoints/demo"
 BT = 128
@@ -56,9 +56,21 @@ def demo(dtype=jnp.float32):
 def shared_runner(mode):
     dtype, fmt, qat = MODES[mode]
     cfg, params = demo(dtype)
-    return JaxModelRunner(cfg, params, num_slots=4, num_blocks=24, block_tokens=BT, max_blocks_per_seq=8,
-                          num_snapshots=8, max_batch=4, max_tokens_per_step=256, kv_format=fmt,
-                          eos_token_id=cfg.eos_token_id, dtype=dtype, opts=ModelOptions(sim_quant=qat))  # fmt: skip
+    return JaxModelRunner(
+        cfg,
+        params,
+        num_slots=4,
+        num_blocks=24,
+        block_tokens=BT,
+        max_blocks_per_seq=8,
+        num_snapshots=8,
+        max_batch=4,
+        max_tokens_per_step=256,
+        kv_format=fmt,
+        eos_token_id=cfg.eos_token_id,
+        dtype=dtype,
+        opts=ModelOptions(sim_quant=qat),
+    )
 
 
 class Limited:
@@ -76,8 +88,13 @@ class Limited:
 
 def engine(mode, strategy="recompute", cache=True, **limits):
     r = Limited(shared_runner(mode), **limits)
-    cfg = EngineConfig(block_tokens=BT, swa_strategy=strategy, checkpoint_interval=2 * BT, enable_prefix_cache=cache,
-                       num_snapshots=r.limits.num_snapshots)  # fmt: skip
+    cfg = EngineConfig(
+        block_tokens=BT,
+        swa_strategy=strategy,
+        checkpoint_interval=2 * BT,
+        enable_prefix_cache=cache,
+        num_snapshots=r.limits.num_snapshots,
+    )
     return LLMEngine(r, cfg)
 
 
@@ -87,8 +104,14 @@ def alone(mode: str, prompt: tuple, n: int) -> tuple[list[int], list[float]]:
     the gap between the top two logits at each step."""
     dtype, fmt, qat = MODES[mode]
     cfg, params = demo(dtype)
-    cc = kvc.CacheConfig(num_slots=1, num_blocks=8, max_blocks_per_seq=8, block_tokens=BT,
-                         fmt=kvc.KVFormat.parse(fmt), dtype=dtype)  # fmt: skip
+    cc = kvc.CacheConfig(
+        num_slots=1,
+        num_blocks=8,
+        max_blocks_per_seq=8,
+        block_tokens=BT,
+        fmt=kvc.KVFormat.parse(fmt),
+        dtype=dtype,
+    )
     opts = ModelOptions(sim_quant=qat)
     state, blocks = kvc.init_state(cfg, cc), list(range(8))
     lg, state = state_run(cfg, cc, params, state, np.array(prompt), [len(prompt)], 0, blocks, opts)
@@ -114,7 +137,9 @@ def check_alone(mode: str, got: list[int], prompt, n: int) -> None:
         return
     for i, (g, w) in enumerate(zip(got, want)):
         if g != w:
-            assert gaps[i] < NEAR_TIE, f"step {i}: got {g}, alone {w}; alone's top-2 gap {gaps[i]:.3f} is no near-tie"
+            assert gaps[i] < NEAR_TIE, (
+                f"step {i}: got {g}, alone {w}; alone's top-2 gap {gaps[i]:.3f} is no near-tie"
+            )
             return
 
 
@@ -191,8 +216,18 @@ def test_preemption_and_resumption_do_not_change_outputs(mode):
 
 def test_llm_api_on_the_demo_checkpoint_streams_what_it_generates(mode):
     dtype, fmt, qat = MODES[mode]
-    llm = LLM(DEMO, profile="chat", max_batch=4, num_blocks=32, num_snapshots=8, max_model_len=1024,
-              max_tokens_per_step=256, dtype=jnp.dtype(dtype).name, kv_format=fmt, qat=qat)  # fmt: skip
+    llm = LLM(
+        DEMO,
+        profile="chat",
+        max_batch=4,
+        num_blocks=32,
+        num_snapshots=8,
+        max_model_len=1024,
+        max_tokens_per_step=256,
+        dtype=jnp.dtype(dtype).name,
+        kv_format=fmt,
+        qat=qat,
+    )
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     outs = llm.generate(["Hello world", [0, 41, 609, 296]], sp)
     assert [len(o.token_ids) for o in outs] == [12, 12]

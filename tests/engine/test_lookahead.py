@@ -11,15 +11,26 @@ import numpy as np
 import pytest
 from test_model_runner import demo, make_runner
 
-from dsv4_jax.engine.lookahead import Lookahead, continuation
-from dsv4_jax.engine.runner_api import SamplingParams, SeqWork, StepPlan
+from dsv4_jax.engine.runner.lookahead import Lookahead, continuation
+from dsv4_jax.engine.runner_api import SeqWork, StepPlan
+from dsv4_jax.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
 
 
 def _work(**kw):
-    args = dict(seq_id=7, slot=1, block_ids=[3, 4], tokens=[11], start=100, sample=True, sampling=GREEDY,
-                sample_index=5, seed=9, prompt_len=90)
+    args = dict(
+        seq_id=7,
+        slot=1,
+        block_ids=[3, 4],
+        tokens=[11],
+        start=100,
+        sample=True,
+        sampling=GREEDY,
+        sample_index=5,
+        seed=9,
+        prompt_len=90,
+    )
     return SeqWork(**{**args, **kw})
 
 
@@ -31,16 +42,26 @@ def test_continuation_only_where_the_lookahead_is_harmless():
     assert continuation(_work(sample_index=63), 128) is None  # samples its 64th = max_tokens-th token
     assert continuation(_work(sample_index=62), 128) is not None
     assert continuation(_work(save_snapshot=0), 128).save_snapshot is None  # saved before the lookahead runs
-    for bad in (dict(sample=False), dict(tokens=[1, 2]), dict(restore_snapshot=1), dict(fresh=True),
-                dict(state_start=4), dict(cached_until=4), dict(prior_tokens=[1]),
-                dict(sampling=SamplingParams(repetition_penalty=1.2)), dict(sampling=SamplingParams(presence_penalty=0.5)),
-                dict(sampling=SamplingParams(frequency_penalty=0.5))):
+    for bad in (
+        dict(sample=False),
+        dict(tokens=[1, 2]),
+        dict(restore_snapshot=1),
+        dict(fresh=True),
+        dict(state_start=4),
+        dict(cached_until=4),
+        dict(prior_tokens=[1]),
+        dict(sampling=SamplingParams(repetition_penalty=1.2)),
+        dict(sampling=SamplingParams(presence_penalty=0.5)),
+        dict(sampling=SamplingParams(frequency_penalty=0.5)),
+    ):
         assert continuation(_work(**bad), 128) is None, bad
 
 
 def _pending():
     ahead = Lookahead()
-    ahead.add([continuation(_work(), 128), continuation(_work(seq_id=8, slot=2, block_ids=[5]), 128)], [0, 1], None)
+    ahead.add(
+        [continuation(_work(), 128), continuation(_work(seq_id=8, slot=2, block_ids=[5]), 128)], [0, 1], None
+    )
     ahead.expect({7: 42, 8: 43})
     return ahead, _work(tokens=[42], start=101, sample_index=6)
 
@@ -50,20 +71,33 @@ def test_a_pending_row_answers_its_sequences_next_decode():
     other = _work(seq_id=9, slot=3)
     used, rest = ahead.take([other])  # seq 7 and 8 sit this step out: their rows stay pending
     assert used == [] and rest == [other] and set(ahead.pending) == {7, 8}
-    used, rest = ahead.take([nxt, dataclasses.replace(nxt, seq_id=8, slot=2, block_ids=[5, 6], tokens=[43],
-                                                      save_snapshot=3)])
-    assert [(w.seq_id, p.row) for w, p in used] == [(7, 0), (8, 1)] and rest == []  # a block added, a snapshot: fine
+    used, rest = ahead.take(
+        [nxt, dataclasses.replace(nxt, seq_id=8, slot=2, block_ids=[5, 6], tokens=[43], save_snapshot=3)]
+    )
+    assert [(w.seq_id, p.row) for w, p in used] == [
+        (7, 0),
+        (8, 1),
+    ] and rest == []  # a block added, a snapshot: fine
     assert ahead.used == 2 and ahead.pending == {}
 
 
 def test_a_pending_row_is_never_computed_twice():
-    for bad in (dict(tokens=[5]), dict(block_ids=[3, 6]), dict(sample_index=7), dict(seed=1), dict(slot=0),
-                dict(sampling=SamplingParams(temperature=0.5)), dict(start=100)):
+    for bad in (
+        dict(tokens=[5]),
+        dict(block_ids=[3, 6]),
+        dict(sample_index=7),
+        dict(seed=1),
+        dict(slot=0),
+        dict(sampling=SamplingParams(temperature=0.5)),
+        dict(start=100),
+    ):
         ahead, nxt = _pending()
         with pytest.raises(RuntimeError, match="would compute position"):
             ahead.take([dataclasses.replace(nxt, **bad)])
     ahead, nxt = _pending()
-    fresh = dataclasses.replace(nxt, tokens=list(range(9)), start=0, fresh=True)  # preempted, back from scratch
+    fresh = dataclasses.replace(
+        nxt, tokens=list(range(9)), start=0, fresh=True
+    )  # preempted, back from scratch
     assert ahead.take([fresh]) == ([], [fresh]) and 7 not in ahead.pending and ahead.dropped == 1
     ahead.drop(8)  # finished or aborted (runner.forget)
     assert ahead.pending == {} and ahead.dropped == 2
@@ -74,15 +108,40 @@ def _drive(runner, schedule, prompts, saves):
     ``saves`` {step: {seq: snapshot}}: decodes that also save an SWA snapshot."""
     seqs = {i: dict(slot=i, blocks=[2 * i, 2 * i + 1], toks=list(p), n=0) for i, p in enumerate(prompts)}
     sampling = {0: GREEDY, 1: SamplingParams(temperature=1.0, seed=3), 2: GREEDY}
-    plan = [SeqWork(seq_id=i, slot=s["slot"], block_ids=s["blocks"], tokens=list(s["toks"]), start=0, sample=True,
-                    sampling=sampling[i], seed=5, prompt_len=len(s["toks"]), fresh=True) for i, s in seqs.items()]
+    plan = [
+        SeqWork(
+            seq_id=i,
+            slot=s["slot"],
+            block_ids=s["blocks"],
+            tokens=list(s["toks"]),
+            start=0,
+            sample=True,
+            sampling=sampling[i],
+            seed=5,
+            prompt_len=len(s["toks"]),
+            fresh=True,
+        )
+        for i, s in seqs.items()
+    ]
     got = []
     for k, step in enumerate([None, *schedule]):
         if step is not None:
-            plan = [SeqWork(seq_id=i, slot=seqs[i]["slot"], block_ids=seqs[i]["blocks"], tokens=seqs[i]["toks"][-1:],
-                            start=len(seqs[i]["toks"]) - 1, sample=True, sampling=sampling[i], seed=5,
-                            sample_index=seqs[i]["n"], prompt_len=len(prompts[i]),
-                            save_snapshot=saves.get(k - 1, {}).get(i)) for i in step]
+            plan = [
+                SeqWork(
+                    seq_id=i,
+                    slot=seqs[i]["slot"],
+                    block_ids=seqs[i]["blocks"],
+                    tokens=seqs[i]["toks"][-1:],
+                    start=len(seqs[i]["toks"]) - 1,
+                    sample=True,
+                    sampling=sampling[i],
+                    seed=5,
+                    sample_index=seqs[i]["n"],
+                    prompt_len=len(prompts[i]),
+                    save_snapshot=saves.get(k - 1, {}).get(i),
+                )
+                for i in step
+            ]
         out = runner.execute(StepPlan(plan))
         for i, o in sorted(out.items()):
             seqs[i]["toks"].append(o.token)

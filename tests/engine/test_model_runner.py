@@ -7,26 +7,35 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.checkpoint import load_checkpoint
-from dsv4_jax.engine.model_runner import JaxModelRunner
-from dsv4_jax.engine.runner_api import SamplingParams, SeqWork, StepPlan
-from dsv4_jax.model import forward
+from dsv4_jax.engine.runner.model_runner import JaxModelRunner
+from dsv4_jax.engine.runner_api import SeqWork, StepPlan
+from dsv4_jax.engine.sampling_params import SamplingParams
+from dsv4_jax.model.transformer import forward
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def demo():
     return load_checkpoint("checkpoints/demo", jnp.float32)
 
 
 def make_runner(**kw):
     cfg, params = demo()
-    args = dict(num_slots=4, num_blocks=12, block_tokens=128, max_blocks_per_seq=3, num_snapshots=2, max_batch=4,
-                max_tokens_per_step=256, dtype=jnp.float32)
+    args = dict(
+        num_slots=4,
+        num_blocks=12,
+        block_tokens=128,
+        max_blocks_per_seq=3,
+        num_snapshots=2,
+        max_batch=4,
+        max_tokens_per_step=256,
+        dtype=jnp.float32,
+    )
     return JaxModelRunner(cfg, params, **{**args, **kw})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _full_forward():
     cfg, params = demo()
     return jax.jit(lambda t: forward(params, t, jnp.arange(PAD)[None], cfg=cfg)[0])
@@ -42,39 +51,70 @@ def greedy_reference(prompt, n):
         tok = np.zeros((1, PAD), np.int32)
         tok[0, : len(seq)] = seq
         seq.append(int(np.argmax(np.asarray(_full_forward()(tok))[0, len(seq) - 1])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def generate(runner, seqs, n, sampling=GREEDY, first_step_extra=()):
     """Prefill every sequence in one step, then decode them together; returns tokens per seq."""
-    works = [SeqWork(seq_id=i, slot=s["slot"], block_ids=s["blocks"], tokens=list(s["prompt"]), start=0, sample=True,
-                     sampling=s.get("sampling", sampling), seed=s.get("seed", 0), prompt_len=len(s["prompt"]),
-                     fresh=True) for i, s in enumerate(seqs)]
+    works = [
+        SeqWork(
+            seq_id=i,
+            slot=s["slot"],
+            block_ids=s["blocks"],
+            tokens=list(s["prompt"]),
+            start=0,
+            sample=True,
+            sampling=s.get("sampling", sampling),
+            seed=s.get("seed", 0),
+            prompt_len=len(s["prompt"]),
+            fresh=True,
+        )
+        for i, s in enumerate(seqs)
+    ]
     out = runner.execute(StepPlan(works + list(first_step_extra)))
     toks = {i: [out[i].token] for i in range(len(seqs))}
     for k in range(1, n):
-        plan = [SeqWork(seq_id=i, slot=s["slot"], block_ids=s["blocks"], tokens=[toks[i][-1]],
-                        start=len(s["prompt"]) + k - 1, sample=True, sampling=s.get("sampling", sampling),
-                        seed=s.get("seed", 0), sample_index=k, prompt_len=len(s["prompt"]))
-                for i, s in enumerate(seqs)]
+        plan = [
+            SeqWork(
+                seq_id=i,
+                slot=s["slot"],
+                block_ids=s["blocks"],
+                tokens=[toks[i][-1]],
+                start=len(s["prompt"]) + k - 1,
+                sample=True,
+                sampling=s.get("sampling", sampling),
+                seed=s.get("seed", 0),
+                sample_index=k,
+                prompt_len=len(s["prompt"]),
+            )
+            for i, s in enumerate(seqs)
+        ]
         out = runner.execute(StepPlan(plan))
-        for i in toks:
-            toks[i].append(out[i].token)
+        for i, seq in toks.items():
+            seq.append(out[i].token)
     return toks
 
 
 def test_batched_greedy_equals_the_model_alone_and_does_not_recompile():
     cfg, _ = demo()
     rng = np.random.RandomState(0)
-    seqs = [dict(prompt=rng.randint(2, cfg.vocab_size, 37), slot=3, blocks=[5, 9]),
-            dict(prompt=rng.randint(2, cfg.vocab_size, 150), slot=0, blocks=[1, 2])]
+    seqs = [
+        dict(prompt=rng.randint(2, cfg.vocab_size, 37), slot=3, blocks=[5, 9]),
+        dict(prompt=rng.randint(2, cfg.vocab_size, 150), slot=0, blocks=[1, 2]),
+    ]
     runner = make_runner()
     got = generate(runner, seqs, 12)
     for i, s in enumerate(seqs):
         assert got[i] == greedy_reference(s["prompt"], 12)
     warm = runner.compilations
-    generate(runner, [dict(prompt=rng.randint(2, cfg.vocab_size, 60), slot=1, blocks=[7]),
-                      dict(prompt=rng.randint(2, cfg.vocab_size, 180), slot=2, blocks=[3, 4])], 6)
+    generate(
+        runner,
+        [
+            dict(prompt=rng.randint(2, cfg.vocab_size, 60), slot=1, blocks=[7]),
+            dict(prompt=rng.randint(2, cfg.vocab_size, 180), slot=2, blocks=[3, 4]),
+        ],
+        6,
+    )
     assert runner.compilations == warm  # same buckets: steady state compiles nothing
 
 
@@ -86,22 +126,63 @@ def test_snapshot_restore_resumes_a_shared_prefix_exactly():
     prefix = list(rng.randint(2, cfg.vocab_size, 128))
     b = prefix + list(rng.randint(2, cfg.vocab_size, 21))
     runner = make_runner()
-    runner.execute(StepPlan([SeqWork(seq_id=0, slot=1, block_ids=[4], tokens=prefix, start=0, sample=False,
-                                     prompt_len=128, fresh=True, save_snapshot=1)]))
-    out = runner.execute(StepPlan([SeqWork(seq_id=1, slot=3, block_ids=[4, 8], tokens=b[128:], start=128,
-                                           sample=True, sampling=GREEDY, prompt_len=len(b), fresh=True,
-                                           restore_snapshot=1, prior_tokens=prefix)]))
+    runner.execute(
+        StepPlan(
+            [
+                SeqWork(
+                    seq_id=0,
+                    slot=1,
+                    block_ids=[4],
+                    tokens=prefix,
+                    start=0,
+                    sample=False,
+                    prompt_len=128,
+                    fresh=True,
+                    save_snapshot=1,
+                )
+            ]
+        )
+    )
+    out = runner.execute(
+        StepPlan(
+            [
+                SeqWork(
+                    seq_id=1,
+                    slot=3,
+                    block_ids=[4, 8],
+                    tokens=b[128:],
+                    start=128,
+                    sample=True,
+                    sampling=GREEDY,
+                    prompt_len=len(b),
+                    fresh=True,
+                    restore_snapshot=1,
+                    prior_tokens=prefix,
+                )
+            ]
+        )
+    )
     assert out[1].token == greedy_reference(b, 1)[0]
 
 
 def test_seeded_sampling_is_reproducible_across_batches():
     cfg, _ = demo()
     rng = np.random.RandomState(2)
-    p = dict(prompt=rng.randint(2, cfg.vocab_size, 30), slot=0, blocks=[0], seed=1234,
-             sampling=SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8))
+    p = dict(
+        prompt=rng.randint(2, cfg.vocab_size, 30),
+        slot=0,
+        blocks=[0],
+        seed=1234,
+        sampling=SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8),
+    )
     alone = generate(make_runner(), [p], 8)[0]
-    other = dict(prompt=rng.randint(2, cfg.vocab_size, 60), slot=2, blocks=[6], seed=99,
-                 sampling=SamplingParams(temperature=1.0, max_tokens=8))
+    other = dict(
+        prompt=rng.randint(2, cfg.vocab_size, 60),
+        slot=2,
+        blocks=[6],
+        seed=99,
+        sampling=SamplingParams(temperature=1.0, max_tokens=8),
+    )
     together = generate(make_runner(), [other, {**p, "slot": 1, "blocks": [3]}], 8)[1]
     assert alone == together
     assert generate(make_runner(), [{**p, "seed": 4321}], 8)[0] != alone
@@ -124,7 +205,22 @@ def test_logprobs_are_returned_when_asked():
     sp = SamplingParams(temperature=0.0, logprobs=3, max_tokens=2)
     prompt = list(np.random.RandomState(4).randint(2, cfg.vocab_size, 16))
     runner = make_runner()
-    out = runner.execute(StepPlan([SeqWork(seq_id=0, slot=0, block_ids=[0], tokens=prompt, start=0, sample=True,
-                                           sampling=sp, prompt_len=16, fresh=True)]))[0]
+    out = runner.execute(
+        StepPlan(
+            [
+                SeqWork(
+                    seq_id=0,
+                    slot=0,
+                    block_ids=[0],
+                    tokens=prompt,
+                    start=0,
+                    sample=True,
+                    sampling=sp,
+                    prompt_len=16,
+                    fresh=True,
+                )
+            ]
+        )
+    )[0]
     assert len(out.top_logprobs) == 3 and out.top_logprobs[0][0] == out.token
     assert abs(out.top_logprobs[0][1] - out.logprob) < 1e-6 and out.logprob <= 0

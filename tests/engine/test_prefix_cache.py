@@ -195,8 +195,11 @@ def test_fake_catches_a_snapshot_taken_at_another_history(monkeypatch):
     def wrong_snapshot(self, hits, hit):
         start, ss, snap = orig(self, hits, hit)
         if snap is not None:  # same boundary, other content
-            other = [e.snapshot for e in self.cache._by_key.values()
-                     if e.index == start // self.bt - 1 and e.snapshot not in (None, snap)]  # fmt: skip
+            other = [
+                e.snapshot
+                for e in self.cache._by_key.values()
+                if e.index == start // self.bt - 1 and e.snapshot not in (None, snap)
+            ]
             snap = other[0]
         return start, ss, snap
 

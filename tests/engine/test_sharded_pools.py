@@ -14,7 +14,7 @@ from fake_runner import drain, make_engine, make_limits, outputs, reference_gene
 
 from dsv4_jax.engine.block_manager import BlockManager
 from dsv4_jax.engine.prefix_cache import PrefixCache
-from dsv4_jax.engine.runner_api import SamplingParams
+from dsv4_jax.engine.sampling_params import SamplingParams
 
 V = 1000
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -95,15 +95,27 @@ def test_random_stress_on_four_shards(strategy):
     """Shared prefixes, preemption and cancellations with the pool split four ways: every
     output equals the reference, the fake runner saw no cross-shard block, nothing leaks."""
     rng = random.Random(strategy)
-    engine, _ = make_engine(strategy, num_blocks=40, num_slots=8, max_batch=4, num_snapshots=8,
-                            max_tokens_per_step=48, num_seq_shards=4, interval=32)  # fmt: skip
+    engine, _ = make_engine(
+        strategy,
+        num_blocks=40,
+        num_slots=8,
+        max_batch=4,
+        num_snapshots=8,
+        max_tokens_per_step=48,
+        num_seq_shards=4,
+        interval=32,
+    )
     bases = [prompt(100, 200 + i) for i in range(3)]
     live, aborted = {}, set()
     for step in range(2000):
         if step < 250 and rng.random() < 0.3:
             p = rng.choice(bases)[: rng.randrange(1, 100)] + prompt(rng.randrange(0, 20), rng.random())
-            sp = SamplingParams(max_tokens=rng.randrange(1, 30), temperature=rng.choice([0.0, 0.7]),
-                                seed=rng.randrange(100), ignore_eos=True)  # fmt: skip
+            sp = SamplingParams(
+                max_tokens=rng.randrange(1, 30),
+                temperature=rng.choice([0.0, 0.7]),
+                seed=rng.randrange(100),
+                ignore_eos=True,
+            )
             live[engine.add_request(p, sp)] = (p, sp)
         if live and rng.random() < 0.04:
             rid = rng.choice(sorted(live))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax import ops
+from dsv4_jax.model import ops
 from pallas_kernels import _common as cm
 from pallas_kernels import kv_format as kf
 from pallas_kernels import mxfp4

@@ -1,6 +1,6 @@
 """The kernels' references compute the model's math (ties pallas_kernels to dsv4_jax):
 
-- ``sparse_attention_reference`` on paged state == ``dsv4_jax.attention.attend`` on the
+- ``sparse_attention_reference`` on paged state == ``dsv4_jax.model.attention.attend`` on the
   same rows laid out densely (window segment + CSA per-query rows / HCA entries + sink);
 - ``indexer_topk_reference`` on paged keys == ``indexer.index_scores`` + ``select_topk``;
 - ``moe_experts_reference`` on MXFP4 weights == ``moe.routed_experts`` on their dequantized
@@ -13,10 +13,11 @@ and, closing the loop, each kernel in interpret mode == the model function. Boun
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from kernel_inputs import attention_case, indexer_case
 
-from dsv4_jax import attention, indexer, moe, ops
 from dsv4_jax.config import preset
+from dsv4_jax.model import attention, indexer, moe, ops
 from pallas_kernels import kv_format, mxfp4
 from pallas_kernels.indexer_topk.kernel import indexer_topk
 from pallas_kernels.indexer_topk.reference import indexer_topk_reference, paged_keys
@@ -113,7 +114,9 @@ def test_moe_reference_is_the_model_routed_experts(dtype):
         name: mxfp4.quantize(jnp.asarray(rng.standard_normal(shape).astype(np.float32)))
         for name, shape in (("w1", (e, f, d)), ("w2", (e, d, f)), ("w3", (e, f, d)))
     }
-    experts = {name: {"weight": mxfp4.dequantize(w, dtype)} for name, w in ws.items()}
+    experts = moe.Experts(cfg, dtype, nnx.Rngs(0))
+    for name, w in ws.items():
+        getattr(experts, name).weight.set_value(mxfp4.dequantize(w, dtype))
     n, k = 9, cfg.num_experts_per_tok
     x = jnp.asarray(rng.standard_normal((n, d)) * 2.0, dtype)  # large enough to hit the clamp
     idx = jnp.asarray(np.stack([rng.permutation(e)[:k] for _ in range(n)]), jnp.int32)

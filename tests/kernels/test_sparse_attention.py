@@ -154,3 +154,30 @@ def test_validation_names_the_argument():
         sparse_attention(*args, ratio=4, interpret=True)
     with pytest.raises(ValueError, match="block_k"):
         sparse_attention(*c.args(), ratio=4, block_k=24, interpret=True)
+
+
+@pytest.mark.parametrize("mode", ["swa", "csa"])
+def test_replay_hides_ring_rows_before_state_start(mode):
+    """A recompute replay (``state_start`` > 0) sees no ring row before its first position: the
+    kernel and the reference drop the same rows, and the result is attention without them."""
+    c = attention_case(
+        41, mode=mode, fmt="bf16", dtype=jnp.float32, starts=[40, 70], q_lens=[3, 2], T=3, max_blocks=4
+    )
+    first = jnp.asarray([33, 0], jnp.int32)  # sequence 0 replays from position 33; sequence 1 does not
+    ref = np.asarray(sparse_attention_reference(*c.args(), state_start=first, ratio=c.ratio))
+    out = np.asarray(
+        sparse_attention(*c.args(), state_start=first, ratio=c.ratio, interpret=True, block_k=16)
+    )
+    np.testing.assert_allclose(out, ref, atol=TOL[jnp.float32], rtol=0)
+    full = np.asarray(sparse_attention_reference(*c.args(), ratio=c.ratio))
+    np.testing.assert_array_equal(ref[1], full[1])  # state_start 0: unchanged
+    assert np.abs(ref[0] - full[0]).max() > 1e-3  # rows 40-W..32 were visible before, not now
+    # the same as overwriting those ring rows with junk: they are never read
+    ring = c.ring
+    slot = int(c.ring_slot[0])
+    w = ring.shape[1]
+    junk = ring.at[slot, np.arange(40 - w, 33) % w].set(1e4)
+    args = list(c.args())
+    args[2] = junk
+    again = sparse_attention_reference(*args, state_start=first, ratio=c.ratio)
+    np.testing.assert_array_equal(np.asarray(again), ref)

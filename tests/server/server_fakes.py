@@ -56,8 +56,12 @@ def fake_engine(tok, runner=None, max_model_len=None, **limit_kw):
     (default: a FakeRunner with ``make_limits(vocab_size=VOCAB, **limit_kw)``)."""
     runner = runner or FakeRunner(make_limits(vocab_size=VOCAB, **limit_kw))
     lim = runner.limits
-    cfg = EngineConfig(block_tokens=lim.block_tokens, swa_strategy="checkpoint",
-                       checkpoint_interval=2 * lim.block_tokens, num_snapshots=lim.num_snapshots)  # fmt: skip
+    cfg = EngineConfig(
+        block_tokens=lim.block_tokens,
+        swa_strategy="checkpoint",
+        checkpoint_interval=2 * lim.block_tokens,
+        num_snapshots=lim.num_snapshots,
+    )
     engine = LLMEngine(runner, cfg, tok, max_model_len=max_model_len)
     runner.bind(engine)
     runner.snapshot_interval = cfg.snapshot_interval

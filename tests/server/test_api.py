@@ -4,7 +4,7 @@ shapes, streaming, chat encoding, thinking output, logprobs, usage, auth, metric
 import json
 
 import pytest
-from fake_runner import reference_generate
+from fake_runner import fake_logprobs, guard_request_writes, reference_generate
 from server_fakes import VOCAB, ScriptedRunner, fake_engine, limits, make_client
 
 from dsv4_jax.server import encoding
@@ -61,14 +61,16 @@ def test_completion_text_and_token_prompts_reach_the_engine_exactly(api, tok):
 
 def test_batched_prompts_and_n_choices(api, tok):
     client, _ = api
-    body = post(client, "/v1/completions", prompt=[[5, 6, 7], [8, 9]], max_tokens=4, n=2, seed=3,
-                ignore_eos=True).json()  # fmt: skip
+    body = post(
+        client, "/v1/completions", prompt=[[5, 6, 7], [8, 9]], max_tokens=4, n=2, seed=3, ignore_eos=True
+    ).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     texts = [c["text"] for c in body["choices"]]
     assert texts[0] != texts[1]  # seeds 3 and 4
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21}
-    again = post(client, "/v1/completions", prompt=[[5, 6, 7], [8, 9]], max_tokens=4, n=2, seed=3,
-                 ignore_eos=True).json()  # fmt: skip
+    again = post(
+        client, "/v1/completions", prompt=[[5, 6, 7], [8, 9]], max_tokens=4, n=2, seed=3, ignore_eos=True
+    ).json()
     assert [c["text"] for c in again["choices"]] == texts  # seeded: reproducible
     strs = post(client, "/v1/completions", prompt=["a b", "c"], max_tokens=2, temperature=0).json()
     assert len(strs["choices"]) == 2
@@ -88,16 +90,20 @@ def test_completion_stream_matches_non_stream(api):
     assert "".join(e["choices"][0]["text"] for e in events) == whole["choices"][0]["text"]
     assert [e["choices"][0]["finish_reason"] for e in events][-1] == whole["choices"][0]["finish_reason"]
     assert all(e["usage"] is None for e in events[:-1]) and events[-1]["usage"] == whole["usage"]
-    with_usage = sse_events(post(client, "/v1/completions", stream=True, stream_options={"include_usage": True},
-                                 **args))  # fmt: skip
+    with_usage = sse_events(
+        post(client, "/v1/completions", stream=True, stream_options={"include_usage": True}, **args)
+    )
     assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"] == whole["usage"]
 
 
 def test_chat_uses_the_dsv4_encoding_and_streams_the_same(api, tok):
     client, _ = api
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello.", "reasoning_content": "dropped"},
-            {"role": "user", "content": [{"type": "text", "text": "Again"}]}]  # fmt: skip
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello.", "reasoning_content": "dropped"},
+        {"role": "user", "content": [{"type": "text", "text": "Again"}]},
+    ]
     ids = tok.encode(encoding.render(msgs)).ids
     assert (
         ids[0] == 0 and ids[-2:] == [1001, 1003] and 1 in ids
@@ -111,8 +117,17 @@ def test_chat_uses_the_dsv4_encoding_and_streams_the_same(api, tok):
         msg["role"] == "assistant" and msg["content"] == tok.decode(want) and msg["reasoning_content"] is None
     )
     assert body["usage"]["prompt_tokens"] == len(ids) and body["usage"]["completion_tokens"] == 10
-    events = sse_events(post(client, "/v1/chat/completions", messages=msgs, max_tokens=10, temperature=0,
-                             ignore_eos=True, stream=True))  # fmt: skip
+    events = sse_events(
+        post(
+            client,
+            "/v1/chat/completions",
+            messages=msgs,
+            max_tokens=10,
+            temperature=0,
+            ignore_eos=True,
+            stream=True,
+        )
+    )
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all(e["object"] == "chat.completion.chunk" for e in events)
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == msg["content"]
@@ -132,8 +147,16 @@ def test_thinking_output_is_split_into_reasoning_and_content(tok):
                 msg["reasoning_content"] == "Let me think. 2+2 is 4." and msg["content"] == "The answer is 4."
             )
             assert body["choices"][0]["finish_reason"] == "stop"
-        events = sse_events(post(client, "/v1/chat/completions", messages=msgs, max_tokens=50, stream=True,
-                                 chat_template_kwargs={"thinking": True}))  # fmt: skip
+        events = sse_events(
+            post(
+                client,
+                "/v1/chat/completions",
+                messages=msgs,
+                max_tokens=50,
+                stream=True,
+                chat_template_kwargs={"thinking": True},
+            )
+        )
         deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
         assert "".join(d.get("reasoning_content", "") for d in deltas) == "Let me think. 2+2 is 4."
         assert "".join(d.get("content", "") for d in deltas) == "The answer is 4."
@@ -143,16 +166,78 @@ def test_thinking_output_is_split_into_reasoning_and_content(tok):
         assert chat["choices"][0]["message"]["content"] == "Let me think. 2+2 is 4.</think>The answer is 4."
 
 
-def test_logprobs_shapes(api):
+def test_logprobs_shapes(api, tok):
     client, _ = api
-    c = post(client, "/v1/completions", prompt=[5, 6], max_tokens=3, logprobs=2, ignore_eos=True).json()
+    c = post(
+        client, "/v1/completions", prompt=[5, 6], max_tokens=3, logprobs=2, temperature=0, ignore_eos=True
+    ).json()
     lp = c["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == 3
-    assert lp["token_logprobs"] == [-1.0] * 3  # the fake runner's logprob
-    ch = post(client, "/v1/chat/completions", messages=[{"role": "user", "content": "x"}], max_tokens=3,
-              logprobs=True, top_logprobs=2, ignore_eos=True).json()  # fmt: skip
+    want = [fake_logprobs(t, 2, VOCAB) for t in reference_generate([5, 6], 3, VOCAB)]
+    assert lp["token_logprobs"] == [w[0] for w in want]  # the fake runner's logprobs
+    assert lp["top_logprobs"] == [{tok.decode([t]): p for t, p in w[1]} for w in want]  # keyed by text
+    ch = post(
+        client,
+        "/v1/chat/completions",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+        ignore_eos=True,
+    ).json()
     content = ch["choices"][0]["logprobs"]["content"]
     assert len(content) == 3 and {"token", "logprob", "bytes", "top_logprobs"} <= set(content[0])
+
+
+def test_responses_report_what_the_engine_outputs_say(tok, monkeypatch):
+    """Text, usage and logprobs of every response shape come from the engine's ``RequestOutput``s;
+    the server never reaches into (let alone writes) a ``Request``."""
+    guard_request_writes(monkeypatch)
+    engine = fake_engine(tok)
+    seen, engine_step = [], engine.step
+
+    def step():  # what the engine thread publishes, as it publishes it
+        outs = engine_step()
+        seen.extend(outs)
+        return outs
+
+    def no_peeking(rid):
+        raise AssertionError(f"the server read request {rid} from the engine")
+
+    engine.step, engine.get_request = step, no_peeking
+    client, _ = make_client(engine)
+    with client:
+        for stream in (False, True):
+            seen.clear()
+            args = {"prompt": "Tell me", "max_tokens": 7, "logprobs": 2, "ignore_eos": True, "stream": stream}
+            r = post(client, "/v1/completions", **args)
+            if stream:
+                events = sse_events(r)
+                choices, usage = [c for e in events for c in e["choices"]], events[-1]["usage"]
+            else:
+                choices, usage = r.json()["choices"], r.json()["usage"]
+            lps = [c["logprobs"] for c in choices if c["logprobs"]]
+            last = seen[-1]
+            assert last.finished and "".join(c["text"] for c in choices) == "".join(o.text for o in seen)
+            assert [x for lp in lps for x in lp["token_logprobs"]] == [
+                lp for o in seen for lp, _ in o.logprobs
+            ]
+            assert [x for lp in lps for x in lp["top_logprobs"]] == [
+                {tok.decode([t]): p for t, p in top} for o in seen for _, top in o.logprobs
+            ]
+            assert usage["prompt_tokens"] == last.num_prompt_tokens == len(tok.encode("Tell me").ids)
+            assert usage["completion_tokens"] == last.num_output_tokens == 7
+        seen.clear()
+        msgs = [{"role": "user", "content": "Hi"}]
+        args = {"max_tokens": 5, "logprobs": True, "top_logprobs": 1, "ignore_eos": True}
+        body = post(client, "/v1/chat/completions", messages=msgs, **args).json()
+        content = body["choices"][0]["logprobs"]["content"]
+        assert [e["logprob"] for e in content] == [lp for o in seen for lp, _ in o.logprobs]
+        assert [[(e["token"], e["logprob"]) for e in c["top_logprobs"]] for c in content] == [
+            [(tok.decode([t]), p) for t, p in top] for o in seen for _, top in o.logprobs
+        ]
+        assert body["usage"]["completion_tokens"] == seen[-1].num_output_tokens == 5
+        assert body["usage"]["prompt_tokens"] == seen[-1].num_prompt_tokens
 
 
 def test_api_key(tok):

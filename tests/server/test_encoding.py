@@ -29,8 +29,16 @@ def test_multi_turn_drops_earlier_reasoning_and_closes_turns_with_eos():
 
 
 def test_markers_tokenize_to_single_special_ids(tok):
-    ids = tok.encode(E.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
-                               {"role": "user", "content": "?"}], thinking=True)).ids  # fmt: skip
+    ids = tok.encode(
+        E.render(
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Yo"},
+                {"role": "user", "content": "?"},
+            ],
+            thinking=True,
+        )
+    ).ids
     assert ids[0] == 0 and ids.count(1000) == 2 and ids.count(1001) == 2 and ids[-1] == 1002
     assert ids.count(1) == 1 and ids.count(1003) == 1  # EOS ends turn 1, whose thinking block is closed
 
@@ -67,8 +75,19 @@ def test_split_whole_text():
     assert E.split_reasoning("</think>direct") == (None, "direct")
 
 
-@pytest.mark.parametrize("text", ["Reason here.</think>Answer.", "<think>r</think>a</think>b", "no end <", "x</thi",
-                                  "</think>", "<thi", "a</", "<think>"])  # fmt: skip
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Reason here.</think>Answer.",
+        "<think>r</think>a</think>b",
+        "no end <",
+        "x</thi",
+        "</think>",
+        "<thi",
+        "a</",
+        "<think>",
+    ],
+)
 def test_streaming_split_equals_whole_split_for_every_chunking(text):
     want = E.split_reasoning(text)
     for cut in range(len(text) + 1):

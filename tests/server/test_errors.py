@@ -7,7 +7,8 @@ import json
 import pytest
 from server_fakes import PoisonRunner, SlowRunner, fake_engine, limits, make_client
 
-from dsv4_jax.engine.runner_api import SamplingParams
+from dsv4_jax.engine.output import RequestOutput
+from dsv4_jax.engine.sampling_params import SamplingParams
 from dsv4_jax.server.engine_thread import AsyncEngine
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -33,7 +34,13 @@ BAD = [
     (C, {"prompt": "x", "max_tokens": 10**12}, 400, "max_tokens", "context_length_exceeded"),
     (CHAT, {"messages": MSGS, "max_completion_tokens": 10**6}, 400, "max_tokens", "context_length_exceeded"),
     (C, {"prompt": list(range(2, 600))}, 400, "prompt", "context_length_exceeded"),
-    (CHAT, {"messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages", "context_length_exceeded"),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": "word " * 600}]},
+        400,
+        "messages",
+        "context_length_exceeded",
+    ),
     (C, {"prompt": [5, 99999]}, 400, "prompt", None),  # outside the vocabulary: the engine refuses
     (C, {"prompt": ""}, 400, "prompt", None),  # empty: the engine refuses
     (C, {"prompt": "x", "temperature": -1}, 400, "temperature", "invalid_value"),
@@ -48,19 +55,45 @@ BAD = [
     (C, {"prompt": "x", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
     (C, {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias", "unsupported_parameter"),
     (C, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
-    (CHAT, {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
-     "unsupported_parameter"),
+    (
+        CHAT,
+        {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        400,
+        "tools",
+        "unsupported_parameter",
+    ),
     (CHAT, {"messages": MSGS, "tool_choice": "required"}, 400, "tool_choice", "unsupported_parameter"),
-    (CHAT, {"messages": MSGS, "response_format": {"type": "json_object"}}, 400, "response_format",
-     "unsupported_parameter"),
+    (
+        CHAT,
+        {"messages": MSGS, "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+        "unsupported_parameter",
+    ),
     (CHAT, {"messages": MSGS, "top_logprobs": 3}, 400, "top_logprobs", None),
-    (CHAT, {"messages": MSGS, "chat_template_kwargs": {"thinking": "yes"}}, 400, "chat_template_kwargs", None),
-    (CHAT, {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400,
-     "messages", None),
+    (
+        CHAT,
+        {"messages": MSGS, "chat_template_kwargs": {"thinking": "yes"}},
+        400,
+        "chat_template_kwargs",
+        None,
+    ),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        400,
+        "messages",
+        None,
+    ),
     (CHAT, {"messages": [{"role": "tool", "content": "r", "tool_call_id": "1"}]}, 400, "messages", None),
-    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
-     "messages", None),
-]  # fmt: skip
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+        "messages",
+        None,
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -155,5 +188,24 @@ def test_drain_finishes_short_requests_and_tells_long_ones_why(tok):
         assert long[-1].finish_reason == "abort" and long[-1].error.status == 503
         assert "shutting down" in long[-1].error.message and 0 < long[-1].num_output_tokens < 400
         assert engine.block_manager.leaks() == [] and not engine.has_unfinished()
+    finally:
+        aeng.stop()
+
+
+def test_a_failed_step_ends_each_stream_with_an_engine_output_carrying_the_error(tok):
+    engine = fake_engine(tok, PoisonRunner(limits=limits()))
+    aeng = AsyncEngine(engine).start()
+
+    async def go():
+        bad = await aeng.add([5, 999, 6], SamplingParams(max_tokens=4, logprobs=1))
+        return [o async for o in bad]
+
+    try:
+        outs = run(go())
+        assert [type(o) for o in outs] == [RequestOutput]
+        (last,) = outs
+        assert (last.finished, last.finish_reason, last.error.code) == (True, "abort", "engine_error")
+        assert last.logprobs == [] and last.num_output_tokens == 0 and last.num_prompt_tokens == 3
+        assert not engine._requests and not engine.has_unfinished() and engine.block_manager.leaks() == []
     finally:
         aeng.stop()

@@ -1,13 +1,13 @@
 """`scripts/serve.py` for real: a subprocess on a free loopback port serving the demo checkpoint,
 driven by the official ``openai`` client, curl (the README's command), raw httpx streams and
-``scripts/benchmark.py``; SIGTERM last. One server per module (its JIT warm-up is the cost).
+the benchmark of ``scripts/benchmark.py`` (``dsv4_jax.bench.serving``); SIGTERM last. One server
+per module (its JIT warm-up is the cost).
 
 Server settings keep the compiled shapes few: batch ≤ 2, prefill chunks ≤ 16 tokens (so the
 buckets are 8 and 16), a 4096-token context; the warm-up compiles those before /health is 200.
 """
 
 import gzip
-import importlib.util
 import json
 import os
 import pathlib
@@ -22,6 +22,8 @@ import time
 import httpx
 import openai
 import pytest
+
+from dsv4_jax.bench import serving as bench
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KEY = "test-key"
@@ -55,11 +57,38 @@ def live(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("live")
     port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # conftest's XLA_FLAGS (cheaper CPU compiles) carry over
-    cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--host", "127.0.0.1", "--port", str(port),
-           "--api-key", KEY, "--profile", "chat", "--max-batch", "2", "--max-model-len", "4096",
-           "--max-tokens-per-step", "16", "--num-snapshots", "4", "--warmup-max-batch", "2",
-           "--warmup-max-prefill", "16", "--compile-cache", str(tmp / "xla"), "--shutdown-timeout", "3",
-           "--profile-dir", str(tmp / "trace"), "--profile-steps", "3"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "serve.py"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key",
+        KEY,
+        "--profile",
+        "chat",
+        "--max-batch",
+        "2",
+        "--max-model-len",
+        "4096",
+        "--max-tokens-per-step",
+        "16",
+        "--num-snapshots",
+        "4",
+        "--warmup-max-batch",
+        "2",
+        "--warmup-max-prefill",
+        "16",
+        "--compile-cache",
+        str(tmp / "xla"),
+        "--shutdown-timeout",
+        "3",
+        "--profile-dir",
+        str(tmp / "trace"),
+        "--profile-steps",
+        "3",
+    ]
     with open(tmp / "server.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
@@ -126,8 +155,13 @@ def test_openai_client_chat(live, tok):
         == r.choices[0].message.content
     )
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == r.usage.total_tokens
-    think = c.chat.completions.create(model="demo", messages=MSGS, max_tokens=8, temperature=0,
-                                      extra_body={"ignore_eos": True, "chat_template_kwargs": {"thinking": True}})  # fmt: skip
+    think = c.chat.completions.create(
+        model="demo",
+        messages=MSGS,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True, "chat_template_kwargs": {"thinking": True}},
+    )
     msg = think.choices[0].message.model_dump()
     # The demo's random weights never close their thinking: all 8 tokens are reasoning.
     assert (
@@ -158,8 +192,13 @@ def test_readme_curl_command(live):
         r"```sh\n(curl http://127\.0\.0\.1:8000/v1/completions.*?)\n```", text, re.DOTALL
     ).group(1)
     cmd = block.replace("\\\n", " ").replace(":8000", f":{live.port}")
-    out = subprocess.run(["bash", "-c", cmd + f" -H 'Authorization: Bearer {KEY}'"], capture_output=True, text=True,
-                         timeout=60, check=True)  # fmt: skip
+    out = subprocess.run(
+        ["bash", "-c", cmd + f" -H 'Authorization: Bearer {KEY}'"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     body = json.loads(out.stdout)
     assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] >= 1
 
@@ -173,8 +212,13 @@ def test_client_disconnect_aborts_and_frees_the_slot(live):
         "ignore_eos": True,
         "stream": True,
     }
-    with httpx.stream("POST", live.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                      timeout=60) as r:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        live.url + "/v1/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    ) as r:
         n = 0
         for line in r.iter_lines():
             n += line.startswith("data: ")
@@ -194,8 +238,12 @@ def test_client_disconnect_aborts_and_frees_the_slot(live):
 
 def test_metrics_and_profiler_trace(live):
     text = live.metrics()
-    for name in ("dsv4_time_to_first_token_seconds_count", "dsv4_inter_token_latency_seconds_count",
-                 "dsv4_e2e_request_latency_seconds_count", "dsv4_generation_tokens_total"):  # fmt: skip
+    for name in (
+        "dsv4_time_to_first_token_seconds_count",
+        "dsv4_inter_token_latency_seconds_count",
+        "dsv4_e2e_request_latency_seconds_count",
+        "dsv4_generation_tokens_total",
+    ):
         assert live.metric(name) > 0, name
     assert 'dsv4_kv_pool_bytes{pool="csa_index"}' in text and "dsv4_prefix_cache_hit_rate" in text
     deadline = time.monotonic() + 30
@@ -210,21 +258,45 @@ def test_metrics_and_profiler_trace(live):
 
 
 def test_benchmark_script_against_the_server(live, tmp_path):
-    spec = importlib.util.spec_from_file_location("benchmark_live", ROOT / "scripts" / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    args = bench.parse_args(["benchmark.py", "--base-url", live.url, "--api-key", KEY, "--num-prompts", "3",
-                             "--input-len", "12", "--output-len", "4", "--concurrency-sweep", "1,2",
-                             "--warmup-requests", "1", "--decode-sweep", "--decode-sweep-min", "64",
-                             "--decode-sweep-max", "128", "--decode-sweep-tokens", "4", "--no-progress",
-                             "--result-file", str(out), "--plot", str(png)])  # fmt: skip
-    assert bench.main(args) == 0
+    args = bench.parse_args(
+        [
+            "benchmark.py",
+            "--base-url",
+            live.url,
+            "--api-key",
+            KEY,
+            "--num-prompts",
+            "3",
+            "--input-len",
+            "12",
+            "--output-len",
+            "4",
+            "--concurrency-sweep",
+            "1,2",
+            "--warmup-requests",
+            "1",
+            "--decode-sweep",
+            "--decode-sweep-min",
+            "64",
+            "--decode-sweep-max",
+            "128",
+            "--decode-sweep-tokens",
+            "4",
+            "--no-progress",
+            "--result-file",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
+    assert bench.run(args) == 0
     res = json.loads(out.read_text())
     assert [r["max_concurrency"] for r in res["runs"]] == [1, 2]
     for r in res["runs"]:
         assert r["completed"] == 3 and r["failed"] == 0 and r["total_output_tokens"] == 12
-        assert r["total_input_tokens"] == 36 and r["ttft_ms"]["p50"] > 0 and r["prefix_hit_rate"] is not None
+        assert r["total_input_tokens"] == 36 and r["ttft_ms"]["p50"] > 0
+        assert r["prefix_hit_rate"] == 0.0  # 12-token prompts: shorter than one cache block
     rows = res["decode_sweep"]["default"]
     assert [x["context"] for x in rows] == [64, 128] and all(x["decode_ms_per_token"] > 0 for x in rows)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,15 +17,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax import kv_cache as kvc
 from dsv4_jax.config import PRESETS, Config
-from dsv4_jax.mesh import parse_mesh
-from dsv4_jax.model import ModelOptions, forward
-from dsv4_jax.params import init_params
-from dsv4_jax.sharding import DEFAULT_RULES, Layout
+from dsv4_jax.model import state as kvc
+from dsv4_jax.model.params import init_params
+from dsv4_jax.model.transformer import ModelOptions, forward
+from dsv4_jax.parallel.mesh import parse_mesh
+from dsv4_jax.parallel.rules import DEFAULT_RULES, Layout
 
-CFG = Config(**{**PRESETS["tiny"], "num_hidden_layers": 3, "compress_ratios": (4, 8, 0, 0), "num_hash_layers": 1,
-                "num_attention_heads": 8, "o_groups": 8, "hc_sinkhorn_iters": 3})
+CFG = Config(
+    **{
+        **PRESETS["tiny"],
+        "num_hidden_layers": 3,
+        "compress_ratios": (4, 8, 0, 0),
+        "num_hash_layers": 1,
+        "num_attention_heads": 8,
+        "o_groups": 8,
+        "hc_sinkhorn_iters": 3,
+    }
+)
 LAYOUTS = {
     "expert": "data=1,expert=8,tensor=1",  # DP attention over 8, EP 8
     "tensor": "data=1,expert=1,tensor=8",  # heads/groups and expert F over 8, state replicated
@@ -33,8 +42,14 @@ LAYOUTS = {
     "tp_attention": "data=2,expert=4,tensor=1",  # a table edit: heads over 'expert', sequences over 'data'
 }
 RULE_EDITS = {
-    "tp_attention": {"batch": "data", "kv_slot": "data", "kv_block": "data", "q_heads": "expert", "heads": "expert",
-                     "o_lora": "expert"},
+    "tp_attention": {
+        "batch": "data",
+        "kv_slot": "data",
+        "kv_block": "data",
+        "q_heads": "expert",
+        "heads": "expert",
+        "o_lora": "expert",
+    },
 }
 CACHE = kvc.CacheConfig(num_slots=8, num_blocks=16, max_blocks_per_seq=2, block_tokens=32, dtype=jnp.float32)
 # (slot, blocks, length): slot s and blocks 2s, 2s+1 sit on sequence shard s of an 8-way split
@@ -77,7 +92,9 @@ def state_run(name: str | None):
     batch at once. Returns (prefill logits per chunk, decode logits per step, decode HLO text)."""
     lay = None if name is None else layout(name)
     opts = ModelOptions(layout=lay)
-    step = jax.jit(lambda p, t, q, s, m: forward(p, t, q, s, m, cfg=CFG, opts=opts, cache=CACHE), donate_argnums=(3,))
+    step = jax.jit(
+        lambda p, t, q, s, m: forward(p, t, q, s, m, cfg=CFG, opts=opts, cache=CACHE), donate_argnums=(3,)
+    )
     p = place(params(), lay)
     state = kvc.init_state(CFG, CACHE)
     if lay is not None:
@@ -114,8 +131,10 @@ def state_run(name: str | None):
 
 
 # ----------------------------------------------------------------------------- HLO
-_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-gather-start|all-to-all|all-reduce|"
-                         r"all-reduce-start|reduce-scatter|collective-permute)\(")
+_COLLECTIVE = re.compile(
+    r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-gather-start|all-to-all|all-reduce|"
+    r"all-reduce-start|reduce-scatter|collective-permute)\("
+)
 _ARRAY = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 
 
@@ -131,8 +150,15 @@ def collectives(hlo: str, op: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-_HLO_DTYPES = {"float32": "f32", "bfloat16": "bf16", "uint8": "u8", "uint16": "u16", "int32": "s32", "bool": "pred",
-               "float8_e4m3fn": "f8e4m3fn"}
+_HLO_DTYPES = {
+    "float32": "f32",
+    "bfloat16": "bf16",
+    "uint8": "u8",
+    "uint16": "u16",
+    "int32": "s32",
+    "bool": "pred",
+    "float8_e4m3fn": "f8e4m3fn",
+}
 
 
 def forbidden(tree) -> set[tuple[str, int]]:

@@ -24,12 +24,12 @@ from sharding_cases import (
     state_run,
 )
 
-from dsv4_jax import kv_cache as kvc
+from dsv4_jax.model import state as kvc
 
 
 def _state_and_experts():
     state = jax.eval_shape(lambda: kvc.init_state(CFG, CACHE))
-    experts = [blk["ffn"]["experts"] for blk in params()["layers"]]
+    experts = [blk["ffn"]["experts"] for blk in params()["layers"].values()]
     return forbidden(state), forbidden(experts)
 
 
@@ -46,7 +46,9 @@ def test_decode_step_gathers_no_pool_and_no_expert_stack(name):
 
 def test_the_check_catches_a_naive_paged_read():
     lay = layout("expert")
-    pool = jax.device_put(jnp.zeros((CACHE.num_blocks, 8, CFG.head_dim)), lay.sharding(("kv_block", None, None)))
+    pool = jax.device_put(
+        jnp.zeros((CACHE.num_blocks, 8, CFG.head_dim)), lay.sharding(("kv_block", None, None))
+    )
     table = jax.device_put(jnp.zeros((8, 2), jnp.int32), lay.sharding(("batch", None)))
     hlo = jax.jit(kvc.take_rows).lower(pool, table).compile().as_text()
     assert gathered(hlo) & forbidden(pool)
@@ -54,7 +56,7 @@ def test_the_check_catches_a_naive_paged_read():
 
 def test_the_check_catches_a_gathered_expert_stack():
     lay = layout("expert")
-    w1 = place(params(), lay)["layers"][1]["ffn"]["experts"]["w1"]["weight"]
+    w1 = place(params(), lay)["layers"][1]["ffn"]["experts"]["w1"]["weight"].get_value()
     whole = jax.sharding.NamedSharding(lay.mesh, jax.sharding.PartitionSpec())
     hlo = jax.jit(lambda w: jax.lax.with_sharding_constraint(w, whole) * 2).lower(w1).compile().as_text()
     assert gathered(hlo) & forbidden(w1)

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from dsv4_jax.config import preset
-from dsv4_jax.kv_accounting import kv_bytes
-from dsv4_jax.kv_cache import KVFormat
+from dsv4_jax.model.accounting import kv_bytes
+from dsv4_jax.model.state import KVFormat
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 SCRIPT = os.path.join(ROOT, "scripts", "memory_plan.py")
@@ -19,7 +19,9 @@ SCRIPT = os.path.join(ROOT, "scripts", "memory_plan.py")
 
 @pytest.fixture(scope="module")
 def plan():
-    out = subprocess.run([sys.executable, SCRIPT, "--json"], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, SCRIPT, "--json"], capture_output=True, text=True, timeout=120, check=True
+    )
     return json.loads(out.stdout)
 
 
@@ -47,7 +49,9 @@ def test_per_device_numbers_follow_from_the_layout(plan):
             assert kv["bytes_per_token"] == acc.bytes_per_token
             assert kv["fixed_bytes_per_seq"] == acc.fixed_bytes_per_seq + 5 * cfg.vocab_size
             if p["free_per_device"] > 0:
-                assert math.isclose(kv["tokens"], p["seq_shards"] * p["free_per_device"] / acc.bytes_per_token)
+                assert math.isclose(
+                    kv["tokens"], p["seq_shards"] * p["free_per_device"] / acc.bytes_per_token
+                )
                 per_seq = acc.bytes_per_token * 8192 + kv["fixed_bytes_per_seq"]
                 assert kv["seqs"]["8K"] == p["seq_shards"] * math.floor(p["free_per_device"] / per_seq)
                 assert kv["seqs"]["8K"] >= kv["seqs"]["128K"] >= kv["seqs"]["1M"]
@@ -64,8 +68,12 @@ def test_published_figures_are_compared(plan):
 
 
 def test_the_document_is_the_scripts_output():
-    out = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, SCRIPT], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     with open(os.path.join(ROOT, "docs", "MEMORY_PLAN.md")) as f:
         doc = f.read()
     generated = doc.split("<!-- memory_plan.py: begin -->\n")[1].split("<!-- memory_plan.py: end -->")[0]
-    assert generated == out, "docs/MEMORY_PLAN.md is stale: rerun scripts/memory_plan.py --write docs/MEMORY_PLAN.md"
+    assert generated == out, (
+        "docs/MEMORY_PLAN.md is stale: rerun scripts/memory_plan.py --write docs/MEMORY_PLAN.md"
+    )

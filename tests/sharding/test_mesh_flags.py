@@ -10,10 +10,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from sharding_cases import CACHE, CFG, layout, params
 
-from dsv4_jax.mesh import add_mesh_args, mesh_from_args, parse_mesh, parse_mesh_spec, validate_for
+from dsv4_jax.engine.runner.layout import RunnerLayout
+from dsv4_jax.parallel.mesh import add_mesh_args, mesh_from_args, parse_mesh, parse_mesh_spec, validate_for
+from dsv4_jax.parallel.rules import DEFAULT_RULES, Layout, fit_spec
 from dsv4_jax.quant import QuantizedWeight
-from dsv4_jax.runner_layout import RunnerLayout
-from dsv4_jax.sharding import DEFAULT_RULES, Layout, fit_spec
 
 
 def test_mesh_flag_builds_the_three_axes():
@@ -23,14 +23,17 @@ def test_mesh_flag_builds_the_three_axes():
     assert parse_mesh_spec("tensor=8") == {"data": 1, "expert": 1, "tensor": 8}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("data=1,expert=4,tensor=1", "covers 4 devices but 8 are available"),
-    ("data=2,pipeline=4", "unknown axis 'pipeline'; the axes are data, expert, tensor"),
-    ("data=2,data=4", "axis 'data' given twice"),
-    ("expert=eight", "size of 'expert' must be an integer, got 'eight'"),
-    ("expert=0,tensor=8", "size of 'expert' must be >= 1, got 0"),
-    ("expert8", "'expert8' is not of the form axis=size"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("data=1,expert=4,tensor=1", "covers 4 devices but 8 are available"),
+        ("data=2,pipeline=4", "unknown axis 'pipeline'; the axes are data, expert, tensor"),
+        ("data=2,data=4", "axis 'data' given twice"),
+        ("expert=eight", "size of 'expert' must be an integer, got 'eight'"),
+        ("expert=0,tensor=8", "size of 'expert' must be >= 1, got 0"),
+        ("expert8", "'expert8' is not of the form axis=size"),
+    ],
+)
 def test_bad_mesh_flags_name_the_problem(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_mesh(spec)
@@ -59,17 +62,28 @@ def test_rules_table_checks():
     with pytest.raises(ValueError, match="no entry for"):
         Layout.create(mesh, {k: v for k, v in DEFAULT_RULES.items() if k != "kv_dim"})
     # A table edit, not code: tensor-parallel attention over the expert axis, sequences over data.
-    tp_attn = {**DEFAULT_RULES, "batch": "data", "kv_slot": "data", "kv_block": "data", "q_heads": "expert",
-               "heads": "expert", "o_lora": "expert"}
+    tp_attn = {
+        **DEFAULT_RULES,
+        "batch": "data",
+        "kv_slot": "data",
+        "kv_block": "data",
+        "q_heads": "expert",
+        "heads": "expert",
+        "o_lora": "expert",
+    }
     lay = Layout.create(mesh, tp_attn)
-    assert lay.batch_axes == ("data",) and lay.attn_head_axes(params()["layers"][0]["attn"], CFG) == ("expert",)
+    assert lay.batch_axes == ("data",) and lay.attn_head_axes(params()["layers"][0]["attn"], CFG) == (
+        "expert",
+    )
 
 
 def test_fit_spec_keeps_what_divides():
     mesh = parse_mesh("data=2,expert=4")
     assert fit_spec(P(("data", "expert")), (8, 3), mesh) == P(("data", "expert"), None)
     assert fit_spec(P(("data", "expert")), (2, 3), mesh) == P("data", None)
-    assert fit_spec(P(None, "expert"), (4, 64), mesh, blocks=(1, 32)) == P(None, None)  # 64 = 2 blocks < 4 ways
+    assert fit_spec(P(None, "expert"), (4, 64), mesh, blocks=(1, 32)) == P(
+        None, None
+    )  # 64 = 2 blocks < 4 ways
     assert fit_spec(P(None, "expert"), (4, 128), mesh, blocks=(1, 32)) == P(None, "expert")
 
 
@@ -78,7 +92,9 @@ def test_packed_weights_split_bytes_and_scales_alike():
     w = np.random.RandomState(0).randn(8, 64, 256).astype(np.float32)
     q = QuantizedWeight.quantize(w, "mxfp4")  # data [8, 64, 128], scale [8, 64, 8]
     sh = lay.weight_sharding(q, ("expert", "embed", "mlp"))
-    assert sh.data.spec == sh.scale.spec == P("expert", None, "tensor")  # 256 = 8 blocks of 32: one per device
+    assert (
+        sh.data.spec == sh.scale.spec == P("expert", None, "tensor")
+    )  # 256 = 8 blocks of 32: one per device
     sh = lay.weight_sharding(QuantizedWeight.quantize(w[..., :128], "mxfp4"), ("expert", "embed", "mlp"))
     assert sh.data.spec == sh.scale.spec == P("expert", None, None)  # 4 blocks cannot split 8 ways
 
@@ -96,6 +112,11 @@ def test_runner_rows_follow_slot_shards():
     assert one.arrange([W(5, [10]), W(0, [0])], max_batch=8) == ([0, 1], 2)
     lay = layout("expert")
     put = lay.put_batch((np.arange(16, dtype=np.int32).reshape(8, 2),))[0]
-    assert put.sharding.spec == P(("data", "expert"), None) and put.addressable_shards[3].data.tolist() == [[6, 7]]
+    assert put.sharding.spec == P(("data", "expert"), None) and put.addressable_shards[3].data.tolist() == [
+        [6, 7]
+    ]
     table = RunnerLayout(CFG, CACHE, lay, 8).init_table(jnp.int32)
-    assert table.sharding.spec == P(("data", "expert"), None) and table.addressable_shards[0].data.shape == (1, 512)
+    assert table.sharding.spec == P(("data", "expert"), None) and table.addressable_shards[0].data.shape == (
+        1,
+        512,
+    )

@@ -30,14 +30,22 @@ def test_two_process_forward_matches_one_process(tmp_path):
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=4").strip()
     port = free_port()
-    logs = [tmp_path / f"log_{i}.txt" for i in range(2)]  # files, not pipes: a full pipe would stall a process
+    logs = [
+        tmp_path / f"log_{i}.txt" for i in range(2)
+    ]  # files, not pipes: a full pipe would stall a process
     procs = []
     deadline = time.monotonic() + TIMEOUT_S
     try:
         for i in range(2):
             with open(logs[i], "w") as log:
-                procs.append(subprocess.Popen([sys.executable, WORKER, str(i), "2", str(port), str(tmp_path)],
-                                              env=env, stdout=log, stderr=subprocess.STDOUT))
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, WORKER, str(i), "2", str(port), str(tmp_path)],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:

@@ -9,25 +9,36 @@ the prefix hit must be taken on the mesh too, and the OpenAI app over the mesh e
 answer a completion with the same text.
 """
 
-import importlib.util
 import pathlib
 
 import pytest
 
 from dsv4_jax import SamplingParams
+from dsv4_jax.server import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "checkpoints" / "demo")
-FLAGS = ["--profile", "chat", "--dtype", "float32", "--max-model-len", "1024", "--max-batch", "4",
-         "--max-tokens-per-step", "64", "--num-snapshots", "8", "--compile-cache", ""]  # fmt: skip
+FLAGS = [
+    "--profile",
+    "chat",
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "1024",
+    "--max-batch",
+    "4",
+    "--max-tokens-per-step",
+    "64",
+    "--num-snapshots",
+    "8",
+    "--compile-cache",
+    "",
+]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
 def serve_args(*extra):
-    spec = importlib.util.spec_from_file_location("script_serve", ROOT / "scripts" / "serve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.parse_args(["serve.py", *FLAGS, *extra])
+    return cli.parse_args(["serve.py", *FLAGS, *extra])
 
 
 def prompts():
@@ -46,14 +57,14 @@ def run(llm):
 
 @pytest.fixture(scope="module")
 def on_mesh():
-    from dsv4_jax.server import launch
+    from dsv4_jax import launch
 
     llm = launch.build_llm(serve_args("--mesh", "data=2,expert=4,tensor=1"))
     return llm, run(llm)
 
 
 def test_demo_on_eight_devices_equals_one_device(on_mesh):
-    from dsv4_jax.server import launch
+    from dsv4_jax import launch
 
     llm, (got, stats) = on_mesh
     assert llm.engine.limits.num_seq_shards == 8
@@ -79,8 +90,10 @@ def test_openai_completion_over_the_mesh_engine(on_mesh):
     state = ServerState(AsyncEngine(llm.engine, metrics), "demo", metrics)
     _, b, _ = prompts()
     with TestClient(build_app(state)) as client:
-        r = client.post("/v1/completions", json={"model": "demo", "prompt": b, "max_tokens": 8, "temperature": 0,
-                                                 "ignore_eos": True})  # fmt: skip
+        r = client.post(
+            "/v1/completions",
+            json={"model": "demo", "prompt": b, "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+        )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["usage"] == {"prompt_tokens": 50, "completion_tokens": 8, "total_tokens": 58}
@@ -94,6 +107,10 @@ def test_pools_round_to_the_shards_and_refuse_what_one_shard_cannot_hold():
     p = plan_pools(ec, 10.0, 100, 4096, shards=4)
     assert (p.num_slots, p.num_blocks) == (8, 64)  # slots rounded up; 8 blocks per sequence each
     with pytest.raises(ValueError, match="on each of 4 sequence shards"):
-        plan_pools(EngineConfig(block_tokens=128, max_batch=4, max_model_len=1024, kv_cache_bytes=40 * 1280 + 400),
-                   10.0, 100, 4096, shards=4)  # fmt: skip
-
+        plan_pools(
+            EngineConfig(block_tokens=128, max_batch=4, max_model_len=1024, kv_cache_bytes=40 * 1280 + 400),
+            10.0,
+            100,
+            4096,
+            shards=4,
+        )

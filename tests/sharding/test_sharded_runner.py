@@ -15,10 +15,11 @@ import pytest
 from sharding_cases import collectives, forbidden, gathered
 
 from dsv4_jax.checkpoint import convert, load_checkpoint
-from dsv4_jax.engine.model_runner import JaxModelRunner
-from dsv4_jax.engine.runner_api import SamplingParams, SeqWork, StepPlan
-from dsv4_jax.mesh import parse_mesh
-from dsv4_jax.sharding import Layout
+from dsv4_jax.engine.runner.model_runner import JaxModelRunner
+from dsv4_jax.engine.runner_api import SeqWork, StepPlan
+from dsv4_jax.engine.sampling_params import SamplingParams
+from dsv4_jax.parallel.mesh import parse_mesh
+from dsv4_jax.parallel.rules import Layout
 
 DEMO = "checkpoints/demo"
 MESH = "data=2,expert=4,tensor=1"
@@ -40,8 +41,19 @@ def demo():
 
 
 def make_runner(cfg, params, mesh):
-    return JaxModelRunner(cfg, params, num_slots=8, num_blocks=16, block_tokens=128, max_blocks_per_seq=2,
-                          num_snapshots=8, max_batch=8, max_tokens_per_step=1024, dtype=jnp.float32, mesh=mesh)
+    return JaxModelRunner(
+        cfg,
+        params,
+        num_slots=8,
+        num_blocks=16,
+        block_tokens=128,
+        max_blocks_per_seq=2,
+        num_snapshots=8,
+        max_batch=8,
+        max_tokens_per_step=1024,
+        dtype=jnp.float32,
+        mesh=mesh,
+    )
 
 
 def test_orbax_restores_straight_into_the_layout(demo_on_mesh):
@@ -67,21 +79,74 @@ def script(runner, vocab: int) -> list:
     penal = SamplingParams(temperature=0.0, repetition_penalty=1e6, max_tokens=64)
     lp = SamplingParams(temperature=0.0, logprobs=2, max_tokens=64)
     seqs = {1: (1, [2, 3], GREEDY), 2: (4, [8], lp), 3: (6, [12], penal)}  # id: slot, blocks, sampling
-    works = [SeqWork(seq_id=i, slot=s, block_ids=b, tokens=p[i], start=0, sample=True, sampling=sp,
-                     prompt_len=len(p[i]), fresh=True) for i, (s, b, sp) in seqs.items()]
-    works.append(SeqWork(seq_id=4, slot=7, block_ids=[14], tokens=p[4], start=0, sample=False, prompt_len=128,
-                         fresh=True, save_snapshot=3))
+    works = [
+        SeqWork(
+            seq_id=i,
+            slot=s,
+            block_ids=b,
+            tokens=p[i],
+            start=0,
+            sample=True,
+            sampling=sp,
+            prompt_len=len(p[i]),
+            fresh=True,
+        )
+        for i, (s, b, sp) in seqs.items()
+    ]
+    works.append(
+        SeqWork(
+            seq_id=4,
+            slot=7,
+            block_ids=[14],
+            tokens=p[4],
+            start=0,
+            sample=False,
+            prompt_len=128,
+            fresh=True,
+            save_snapshot=3,
+        )
+    )
     outs = [runner.execute(StepPlan(works))]
     last = {i: outs[0][i].token for i in seqs}
     for k in range(1, 6):
-        plan = [SeqWork(seq_id=i, slot=s, block_ids=b, tokens=[last[i]], start=len(p[i]) + k - 1, sample=True,
-                        sampling=sp, sample_index=k, prompt_len=len(p[i])) for i, (s, b, sp) in seqs.items()]
+        plan = [
+            SeqWork(
+                seq_id=i,
+                slot=s,
+                block_ids=b,
+                tokens=[last[i]],
+                start=len(p[i]) + k - 1,
+                sample=True,
+                sampling=sp,
+                sample_index=k,
+                prompt_len=len(p[i]),
+            )
+            for i, (s, b, sp) in seqs.items()
+        ]
         outs.append(runner.execute(StepPlan(plan)))
         last = {i: outs[-1][i].token for i in seqs}
     tail = list(rng.randint(2, vocab, 21))
-    outs.append(runner.execute(StepPlan([SeqWork(
-        seq_id=5, slot=0, block_ids=[0, 1], tokens=tail, start=128, sample=True, sampling=GREEDY,
-        prompt_len=149, fresh=True, restore_snapshot=3, prior_tokens=p[4])])))
+    outs.append(
+        runner.execute(
+            StepPlan(
+                [
+                    SeqWork(
+                        seq_id=5,
+                        slot=0,
+                        block_ids=[0, 1],
+                        tokens=tail,
+                        start=128,
+                        sample=True,
+                        sampling=GREEDY,
+                        prompt_len=149,
+                        fresh=True,
+                        restore_snapshot=3,
+                        prior_tokens=p[4],
+                    )
+                ]
+            )
+        )
+    )
     return outs
 
 
@@ -93,16 +158,18 @@ def test_runner_on_8_devices_matches_one_device(demo_on_mesh):
 
     def spy(*args, **kw):  # keep the decode step's input types for the HLO check below
         if args[4].shape[1] == 1:
-            captured["args"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                                            args)
+            captured["args"] = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), args
+            )
             captured["kw"] = kw
         return step(*args, **kw)
 
     sharded._step = spy
     got = script(sharded, cfg.vocab_size)
     want = script(make_runner(*demo(), None), cfg.vocab_size)
-    assert [{i: o.token for i, o in out.items()} for out in got] == [{i: o.token for i, o in out.items()}
-                                                                    for out in want]
+    assert [{i: o.token for i, o in out.items()} for out in got] == [
+        {i: o.token for i, o in out.items()} for out in want
+    ]
     for g, w in zip(got, want):  # logprobs of seq 2 agree to float rounding
         if 2 in w:
             assert abs(g[2].logprob - w[2].logprob) < 1e-4
@@ -112,7 +179,8 @@ def test_runner_on_8_devices_matches_one_device(demo_on_mesh):
 
     hlo = step.lower(*captured["args"], **captured["kw"]).compile().as_text()
     big = forbidden(jax.eval_shape(lambda: sharded.state)) | forbidden(
-        [blk["ffn"]["experts"] for blk in sharded.params["layers"]])
+        [blk["ffn"]["experts"] for blk in sharded.params["layers"].values()]
+    )
     big |= forbidden((sharded.counts, sharded.prompt_mask))
     assert not gathered(hlo) & big, sorted(gathered(hlo) & big)
     assert collectives(hlo, "all-to-all")
@@ -121,11 +189,32 @@ def test_runner_on_8_devices_matches_one_device(demo_on_mesh):
 def test_runner_refuses_blocks_from_another_shard(demo_on_mesh):
     cfg, params, mesh = demo_on_mesh
     runner = make_runner(cfg, params, mesh)
-    assert runner.num_seq_shards == 8 and runner.slot_shard(5) == 5 and list(runner.shard_blocks(5)) == [10, 11]
-    bad = SeqWork(seq_id=0, slot=5, block_ids=[10, 3], tokens=[5, 6, 7], start=0, sample=True, sampling=GREEDY,
-                  prompt_len=3, fresh=True)
+    assert (
+        runner.num_seq_shards == 8 and runner.slot_shard(5) == 5 and list(runner.shard_blocks(5)) == [10, 11]
+    )
+    bad = SeqWork(
+        seq_id=0,
+        slot=5,
+        block_ids=[10, 3],
+        tokens=[5, 6, 7],
+        start=0,
+        sample=True,
+        sampling=GREEDY,
+        prompt_len=3,
+        fresh=True,
+    )
     with pytest.raises(ValueError, match=r"slot 5 is on sequence shard 5 .* uses blocks \[3\]"):
         runner.execute(StepPlan([bad]))
     with pytest.raises(ValueError, match="num_slots=4 must be a multiple of the 8 sequence shards"):
-        JaxModelRunner(cfg, params, num_slots=4, num_blocks=16, block_tokens=128, max_blocks_per_seq=2,
-                       num_snapshots=2, max_batch=4, max_tokens_per_step=256, mesh=mesh)
+        JaxModelRunner(
+            cfg,
+            params,
+            num_slots=4,
+            num_blocks=16,
+            block_tokens=128,
+            max_blocks_per_seq=2,
+            num_snapshots=2,
+            max_batch=4,
+            max_tokens_per_step=256,
+            mesh=mesh,
+        )

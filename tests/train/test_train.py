@@ -8,8 +8,8 @@ import pytest
 
 from dsv4_jax.checkpoint import load_tokenizer
 from dsv4_jax.config import preset
-from dsv4_jax.model import forward
-from dsv4_jax.params import init_params
+from dsv4_jax.model.params import init_params
+from dsv4_jax.model.transformer import forward
 from dsv4_jax.quant import QuantizedWeight
 from dsv4_jax.train import data
 from dsv4_jax.train import loss as L
@@ -188,8 +188,12 @@ def test_retrieval_hint_trains_the_main_attention_not_the_indexer(tiny):
     zeros = jnp.zeros((1, t))
     answer = zeros.at[0, t - 1].set(1.0)
     source = zeros.at[0, 5].set(1.0)
-    (total, m), g = jax.value_and_grad(lambda tr: lf(tr, toks, zeros, answer, source), has_aux=True)(trainable)
-    assert float(m["hint"]) > 0 and float(total) == pytest.approx(float(m["hint"]) + float(m["answer"]), rel=1e-5)
+    (total, m), g = jax.value_and_grad(lambda tr: lf(tr, toks, zeros, answer, source), has_aux=True)(
+        trainable
+    )
+    assert float(m["hint"]) > 0 and float(total) == pytest.approx(
+        float(m["hint"]) + float(m["answer"]), rel=1e-5
+    )
     attn = g["layers"][_csa_layers(cfg)[0]]["attn"]
     assert float(optax_norm(attn["wq_b"])) > 0 and float(optax_norm(attn["compressor"])) > 0
     assert float(optax_norm(attn["indexer"])) == 0.0

@@ -1,28 +1,19 @@
-"""``scripts/train_demo.py --tiny``: the training script end to end at a few steps per phase
-(both step shapes: dense with the retrieval hint, sparse top-16 with questions beyond the
-window), then ``--export`` of its saved state gives the same checkpoint."""
+"""``scripts/train_demo.py --tiny`` (``dsv4_jax.train.demo``): the training script end to end at
+a few steps per phase (both step shapes: dense with the retrieval hint, sparse top-16 with
+questions beyond the window), then ``--export`` of its saved state gives the same checkpoint."""
 
 import filecmp
-import importlib
 import json
 import os
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.checkpoint import load_checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _script():
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    return importlib.import_module("train_demo")
+from dsv4_jax.train import demo as td
 
 
 def test_tiny_run_logs_trains_and_exports(tmp_path):
-    td = _script()
     out, log, state = tmp_path / "ckpt", tmp_path / "log.jsonl", tmp_path / "state.npz"
     assert td.main(["--tiny", "--out", str(out), "--log", str(log), "--state", str(state)]) == 0
     recs = [json.loads(line) for line in log.read_text().splitlines()]
@@ -31,7 +22,7 @@ def test_tiny_run_logs_trains_and_exports(tmp_path):
     for r in recs:
         assert {"lm", "answer", "kl", "hint", "answer_acc", "gnorm", "loss"} <= set(r)
         assert all(np.isfinite(v) for v in r.values())
-    cfg, params = load_checkpoint(str(out), jnp.float32)
+    cfg, _ = load_checkpoint(str(out), jnp.float32)
     assert cfg.index_topk == 16  # the shipped config, whatever top-k a phase trained with
     # The saved float params export to the very same files.
     again = tmp_path / "again"
@@ -41,8 +32,11 @@ def test_tiny_run_logs_trains_and_exports(tmp_path):
 
 
 def test_schedule_restarts_the_rate_where_a_phase_names_one():
-    td = _script()
-    phases = [td.Phase(100, 1, 256, 16, 0.5), td.Phase(100, 1, 512, 16, 0.5), td.Phase(40, 1, 1024, 16, 0.5, lr=5e-4)]
+    phases = [
+        td.Phase(100, 1, 256, 16, 0.5),
+        td.Phase(100, 1, 512, 16, 0.5),
+        td.Phase(40, 1, 1024, 16, 0.5, lr=5e-4),
+    ]
     s = lambda k: float(td.schedule(phases, 2e-3)(k))
     assert s(0) == 0.0 and abs(s(50) - 2e-3) < 1e-8  # warmup over min(100, 200 // 4) steps
     assert abs(s(199) - 2e-4) < 1e-6  # cosine to a tenth by the end of the first run of phases

@@ -1,0 +1,168 @@
+"""Where the model runner's arrays live on a mesh, and how a step's rows are ordered.
+
+``JaxModelRunner(..., mesh=...)`` holds one ``RunnerLayout``. It
+
+* places the params by the rules table (``Layout.param_shardings``) and allocates the
+  decode state, the SWA snapshot store and the penalty tables *directly* in their split
+  layout (a jitted initialiser with ``out_shardings``: no device ever holds a whole pool);
+* orders each step's batch rows by sequence shard: shard ``s`` owns slots
+  ``[s·S/n, (s+1)·S/n)`` and blocks ``[s·N/n, (s+1)·N/n)`` (``dp_attention``), so a work in
+  slot ``q`` goes to a row of shard ``q // (S/n)``, every shard gets the same power-of-two
+  number of rows, and a work whose blocks are not on its slot's shard is refused before
+  anything runs (the block manager must allocate from the slot's shard);
+* sends the step metadata to the devices split over the batch axes, one transfer per leaf.
+
+Without a mesh every method reduces to the single-device behaviour.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax.config import Config
+from dsv4_jax.intmath import next_pow2
+from dsv4_jax.model import moe
+from dsv4_jax.model import state as kvc
+from dsv4_jax.parallel import dp_attention
+from dsv4_jax.parallel import slots as slot_tables
+from dsv4_jax.parallel.mesh import validate_for
+from dsv4_jax.parallel.rules import Layout
+
+TABLE_AXES = ("kv_slot", "vocab_table")  # penalty tables [num_slots, V]
+
+
+class RunnerLayout:
+    def __init__(self, cfg: Config, cc: kvc.CacheConfig, layout: Layout | None, num_snapshots: int):
+        self.cfg, self.cc, self.layout = cfg, cc, layout
+        self.shards = layout.num_seq_shards if layout is not None else 1
+        if layout is not None:
+            validate_for(layout.mesh, cfg)
+            dp_attention.local_cache(cc, self.shards)  # slots and blocks split evenly
+        self.slots_per_shard = cc.num_slots // self.shards
+        self.blocks_per_shard = cc.num_blocks // self.shards
+        # A snapshot store that does not split evenly stays replicated (copies still move one slot).
+        self.snapshots_split = self.shards > 1 and num_snapshots % self.shards == 0
+
+    # ------------------------------------------------------------------ placement
+    def place_params(self, params):
+        """The params on the mesh by the rules table. Without a mesh on XLA:CPU the routed
+        experts are held one array per expert (``moe.split_experts``: a decode row then reads
+        its expert in place, not a gathered copy)."""
+        if self.layout is None:
+            return moe.split_experts(params) if jax.default_backend() == "cpu" else params
+        return jax.device_put(params, self.layout.param_shardings(params, self.cfg))
+
+    def _alloc(self, make, shardings_of):
+        """``make()`` evaluated straight into its shardings (each device builds its own part)."""
+        if self.layout is None:
+            return make()
+        return jax.jit(make, out_shardings=shardings_of(jax.eval_shape(make)))()
+
+    def state_shardings(self, state):
+        return self.layout.state_shardings(state)
+
+    def snapshot_shardings(self, snaps):
+        if self.snapshots_split:
+            return self.layout.state_shardings(snaps)
+        return jax.tree.map(lambda x: self.layout.sharding((None,) * x.ndim), snaps)
+
+    def table_sharding(self, shape):
+        return self.layout.sharding(TABLE_AXES, shape)
+
+    def init_state(self):
+        return self._alloc(lambda: kvc.init_state(self.cfg, self.cc), self.state_shardings)
+
+    def init_snapshots(self, num: int):
+        return self._alloc(lambda: kvc.init_snapshots(self.cfg, self.cc, num), self.snapshot_shardings)
+
+    def init_table(self, dtype):
+        shape = (self.cc.num_slots, self.cfg.vocab_size)
+        return self._alloc(lambda: jnp.zeros(shape, dtype), lambda s: self.table_sharding(s.shape))
+
+    def pin(self, state, counts, pmask):
+        """Inside the step: keep the outputs in the inputs' layout, so donation reuses the
+        buffers and the next step's inputs match the compiled shardings."""
+        if self.layout is None:
+            return state, counts, pmask
+        wsc = jax.lax.with_sharding_constraint
+        return (
+            wsc(state, self.state_shardings(state)),
+            wsc(counts, self.table_sharding(counts.shape)),
+            wsc(pmask, self.table_sharding(pmask.shape)),
+        )
+
+    def replicate(self, tree):
+        """Inside the step: the sampled tokens and logprobs (a few numbers per row) on every
+        device, so each process of a multi-host mesh can read them without a collective."""
+        if self.layout is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, self.layout.sharding(()))
+
+    # ------------------------------------------------------------------ jitted slot operations
+    @functools.cached_property
+    def restore_fn(self):
+        """state[slot] <- snapshots[n] (state donated)."""
+        return jax.jit(
+            functools.partial(
+                slot_tables.copy_slot, layout=self.layout, dst_split=True, src_split=self.snapshots_split
+            ),
+            donate_argnums=(0,),
+        )
+
+    @functools.cached_property
+    def save_fn(self):
+        """snapshots[n] <- state[slot] (store donated)."""
+        return jax.jit(
+            functools.partial(
+                slot_tables.copy_slot, layout=self.layout, dst_split=self.snapshots_split, src_split=True
+            ),
+            donate_argnums=(0,),
+        )
+
+    def table_fn(self, fn):
+        """A jitted penalty-table scatter ``fn(counts, pmask, slots, *entries)`` over split tables."""
+
+        def run(counts, pmask, slots, *entries):
+            return slot_tables.scatter_slots(fn, (counts, pmask), slots, *entries, layout=self.layout)
+
+        return jax.jit(run, donate_argnums=(0, 1))
+
+    # ------------------------------------------------------------------ batch rows
+    def shard_of_slot(self, slot: int) -> int:
+        return slot // self.slots_per_shard
+
+    def arrange(self, works, max_batch: int) -> tuple[list[int], int]:
+        """Row of each work and the padded batch size. One shard: rows in order, a power of two
+        (at most ``max_batch`` unless the works need more). Several: each shard's works in its
+        own equal, power-of-two band of rows."""
+        if self.shards == 1:
+            return list(range(len(works))), min(next_pow2(len(works)), max(max_batch, len(works)))
+        bands: dict[int, int] = {}
+        shard_rank = []
+        for w in works:
+            s = self.shard_of_slot(w.slot)
+            shard_rank.append((s, bands.get(s, 0)))
+            bands[s] = bands.get(s, 0) + 1
+            lo, hi = s * self.blocks_per_shard, (s + 1) * self.blocks_per_shard
+            bad = [b for b in w.block_ids if not lo <= b < hi]
+            if bad:
+                raise ValueError(
+                    f"seq {w.seq_id}: slot {w.slot} is on sequence shard {s} (blocks [{lo}, {hi})) "
+                    f"but uses blocks {bad}; allocate a sequence's blocks on its slot's shard"
+                )
+        band = next_pow2(max(bands.values()))
+        return [s * band + r for s, r in shard_rank], band * self.shards
+
+    def put_batch(self, tree):
+        """Host step metadata -> device arrays split over the batch axes (one transfer per leaf)."""
+        if self.layout is None:
+            return tree
+        return self.layout.put_batch(tree)
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.layout is None else math.prod(self.layout.mesh.shape.values())

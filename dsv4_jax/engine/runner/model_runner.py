@@ -1,0 +1,358 @@
+"""The device side of the engine: turns a ``StepPlan`` into jitted steps over the decode state.
+
+The only engine module that imports jax. It owns, on device:
+
+* the decode state (``kv_cache.init_state``: rings, tails, paged pools), donated to
+  every step so XLA updates it in place;
+* the SWA snapshot store (``kv_cache.init_snapshots``) for the ``full`` / ``checkpoint``
+  prefix strategies;
+* the penalty tables (per-slot output counts and prompt masks) the sampler reads.
+
+One ``execute`` call: restore snapshots → reset / seed penalty tables for fresh works →
+run the decode rows (T = 1) and the prefill rows (T = a power-of-two bucket) as two jitted
+calls, each padded to a power-of-two batch → save snapshots → one device-to-host copy of
+the sampled tokens. Shapes come from a small set of buckets, so steady-state serving does
+not recompile; ``compilations`` counts traces so a test can check that.
+
+Host-side metadata (tokens, positions, slots, block tables, lengths, sampling arrays) is
+built as numpy arrays and goes to the device once per call.
+
+Decode lookahead (``lookahead=True``, ``lookahead.py``): before reading back a step's
+tokens, ``execute`` dispatches the next decode step of the same sequences with those tokens
+still on device, so the device runs it while the host reads back, post-processes and
+schedules. A later ``execute`` takes a row for the decode work that is exactly the
+continuation it assumed; other works run as usual. ``ahead.used`` / ``ahead.dropped`` count
+rows taken and rows whose sequence ended first.
+
+On a mesh (``mesh=``, e.g. ``mesh.parse_mesh("data=1,expert=8,tensor=1")``) the params,
+state, snapshots and penalty tables are laid out by the rules table and each step's rows
+are ordered by sequence shard (``runner.layout.RunnerLayout``); the model runs with
+``ModelOptions(layout=...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv4_jax.config import Config
+from dsv4_jax.engine.runner import sampling
+from dsv4_jax.engine.runner.layout import RunnerLayout
+from dsv4_jax.engine.runner.lookahead import Lookahead, continuation
+from dsv4_jax.engine.runner_api import RunnerLimits, SampleOut, SeqWork, StepPlan
+from dsv4_jax.engine.sampling_params import SamplingParams
+from dsv4_jax.intmath import next_pow2
+from dsv4_jax.model import state as kvc
+from dsv4_jax.model.accounting import kv_bytes
+from dsv4_jax.model.transformer import ModelOptions, forward
+from dsv4_jax.parallel import slots as slot_tables
+from dsv4_jax.parallel.rules import DEFAULT_RULES, Layout
+
+
+class JaxModelRunner:
+    """Implements ``runner_api.ModelRunner`` for one model replica (one device, or a mesh).
+
+    ``mesh``: run split over it by ``rules`` (``sharding.DEFAULT_RULES``). Slots and blocks
+    are split evenly over the sequence shards of the mesh; a work's blocks must come from its
+    slot's shard (``slot_shard`` / ``shard_blocks`` tell the block manager which).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        params,
+        *,
+        num_slots: int,
+        num_blocks: int,
+        block_tokens: int,
+        max_blocks_per_seq: int,
+        num_snapshots: int,
+        max_batch: int,
+        max_tokens_per_step: int,
+        kv_format: str = "bf16",
+        eos_token_id: int | None = None,
+        opts: ModelOptions = ModelOptions(),
+        dtype=jnp.bfloat16,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: Mapping = DEFAULT_RULES,
+        lookahead: bool = True,
+    ):
+        layout = None if mesh is None else Layout.create(mesh, rules)
+        opts = dataclasses.replace(opts, layout=layout)
+        self.cfg, self.opts = cfg, opts
+        self.cc = kvc.CacheConfig(
+            num_slots=num_slots,
+            num_blocks=num_blocks,
+            max_blocks_per_seq=max_blocks_per_seq,
+            block_tokens=block_tokens,
+            fmt=kvc.KVFormat.parse(kv_format),
+            dtype=dtype,
+        )
+        self.cc.validate(cfg)
+        self.placement = RunnerLayout(cfg, self.cc, layout, num_snapshots)
+        # Held as a pure dict (values only): a tree of nnx Variables flattens in Python at every
+        # call of the jitted step (~0.5 ms a step on the mid model); the graphdef restores the
+        # modules and their metadata inside the trace (``transformer.as_model``).
+        self.params = nnx.to_pure_dict(self.placement.place_params(params))
+        acc = kv_bytes(cfg, self.cc.fmt, jnp.dtype(dtype).itemsize)
+        self.limits = RunnerLimits(
+            num_slots=num_slots,
+            num_blocks=num_blocks,
+            block_tokens=block_tokens,
+            max_blocks_per_seq=max_blocks_per_seq,
+            num_snapshots=num_snapshots,
+            max_batch=max_batch,
+            max_tokens_per_step=max_tokens_per_step,
+            window=cfg.sliding_window,
+            num_layers=cfg.num_hidden_layers,
+            vocab_size=cfg.vocab_size,
+            eos_token_id=cfg.eos_token_id if eos_token_id is None else eos_token_id,
+            bytes_per_block=round(acc.bytes_per_token * block_tokens),
+            bytes_per_slot=acc.fixed_bytes_per_seq,
+            num_seq_shards=self.placement.shards,
+        )
+        self.state = self.placement.init_state()
+        self.snapshots = self.placement.init_snapshots(num_snapshots)
+        self.counts = self.placement.init_table(jnp.int32)  # output-token counts per slot
+        self.prompt_mask = self.placement.init_table(bool)
+        self._counted: dict[int, int] = {}  # seq_id -> last position whose token is in the tables
+        self.compilations = 0
+        self.lookahead = lookahead
+        self.ahead = Lookahead()  # dispatched lookahead rows not taken yet (and used / dropped counts)
+        self._step = jax.jit(self._step_impl, donate_argnums=(1, 2, 3), static_argnames=("num_logprobs",))
+        # i32[b,1]: the sampled token of row take[i] of a step where mine[i], else base[i] (one dispatch)
+        self._pick = jax.jit(
+            lambda sampled, take, mine, base: jnp.where(mine[:, None], sampled[take][:, None], base)
+        )
+        self._restore, self._save = self.placement.restore_fn, self.placement.save_fn
+        self._mark = self.placement.table_fn(sampling.update_counts)
+        self._reset = self.placement.table_fn(sampling.reset_rows)
+
+    @property
+    def num_seq_shards(self) -> int:
+        """Sequence shards of the mesh (1 without one): slots and blocks split evenly over them."""
+        return self.placement.shards
+
+    def slot_shard(self, slot: int) -> int:
+        """The sequence shard a slot lives on (0 without a mesh)."""
+        return self.placement.shard_of_slot(slot)
+
+    def shard_blocks(self, shard: int) -> range:
+        """Block ids a sequence in ``shard``'s slots may use."""
+        n = self.placement.blocks_per_shard
+        return range(shard * n, (shard + 1) * n)
+
+    # ------------------------------------------------------------------ device functions
+    def _step_impl(
+        self, params, state, counts, pmask, tokens, positions, meta, sa, sample_mask, *, num_logprobs
+    ):
+        self.compilations += 1  # runs at trace time only
+        logits, state = forward(
+            params,
+            tokens,
+            positions,
+            state,
+            meta,
+            cfg=self.cfg,
+            opts=self.opts,
+            cache=self.cc,
+            last_only=True,
+        )
+        lay = self.opts.layout
+        res = sampling.sample(
+            logits[:, 0],
+            sa,
+            slot_tables.take_slot_rows(counts, meta.slots, lay),
+            slot_tables.take_slot_rows(pmask, meta.slots, lay),
+            num_logprobs=num_logprobs,
+        )
+        counts, pmask = slot_tables.scatter_slots(
+            sampling.update_counts,
+            (counts, pmask),
+            meta.slots,
+            res.tokens,
+            jnp.zeros_like(sample_mask),
+            sample_mask,
+            layout=lay,
+        )
+        state, counts, pmask = self.placement.pin(state, counts, pmask)
+        return self.placement.replicate(res), state, counts, pmask
+
+    # ------------------------------------------------------------------ host orchestration
+    def execute(self, plan: StepPlan) -> dict[int, SampleOut]:
+        works = plan.works
+        if len(works) > self.limits.max_batch:
+            raise ValueError(f"step plan has {len(works)} sequences; max_batch is {self.limits.max_batch}")
+        if sum(len(w.tokens) for w in works) > self.limits.max_tokens_per_step:
+            raise ValueError(f"step plan exceeds max_tokens_per_step={self.limits.max_tokens_per_step}")
+        used, rest = self.ahead.take(works)
+        for w in rest:
+            if w.restore_snapshot is not None:
+                self.state = self._restore(
+                    self.state, jnp.int32(w.slot), self.snapshots, jnp.int32(w.restore_snapshot)
+                )
+        self._update_penalty_tables(rest)
+        results = []
+        for res in {id(p.res): p.res for _, p in used}.values():  # rows computed by earlier lookahead steps
+            mine = [(w, p.row) for w, p in used if p.res is res]
+            results.append(([w for w, _ in mine], ([r for _, r in mine], res)))
+        for group in ([w for w in rest if len(w.tokens) == 1], [w for w in rest if len(w.tokens) > 1]):
+            if group:
+                results.append((group, self._run_group(group)))
+        for w in works:  # after every row of the slot is written (a lookahead row: by an earlier step)
+            if w.save_snapshot is not None:
+                self.snapshots = self._save(
+                    self.snapshots, jnp.int32(w.save_snapshot), self.state, jnp.int32(w.slot)
+                )
+        if self.lookahead:
+            self._dispatch_ahead(results)
+        out: dict[int, SampleOut] = {}
+        for group, (rows, res) in results:
+            res = jax.device_get(res)  # one transfer per group
+            for i, w in zip(rows, group):
+                if not w.sample:
+                    continue
+                self._counted[w.seq_id] = w.start + len(w.tokens)
+                n = w.sampling.logprobs
+                out[w.seq_id] = SampleOut(
+                    token=int(res.tokens[i]),
+                    logprob=float(res.logprob[i]) if n is not None else None,
+                    top_logprobs=[
+                        (int(t), float(p)) for t, p in zip(res.top_ids[i, :n], res.top_logprobs[i, :n])
+                    ]
+                    if n
+                    else ([] if n == 0 else None),
+                )
+        self.ahead.expect({sid: o.token for sid, o in out.items()})
+        return out
+
+    def _dispatch_ahead(self, results) -> None:
+        """Dispatch the decode step that continues this step's decode works (``lookahead.
+        continuation`` says which qualify), fed by their sampled tokens where they lie, on device."""
+        bt = self.limits.block_tokens
+        src = [
+            (w, rows_res[1], row)
+            for group, rows_res in results
+            for w, row in zip(group, rows_res[0])
+            if len(w.tokens) == 1
+        ]
+        nxt = [(continuation(w, bt), res, row) for w, res, row in src]
+        nxt = [(c, res, row) for c, res, row in nxt if c is not None]
+        if not nxt:
+            return
+        works = [c for c, _, _ in nxt]
+        rows, b = self.placement.arrange(works, self.limits.max_batch)
+        tokens = np.zeros((b, 1), np.int32)
+        for res in {id(r): r for _, r, _ in nxt}.values():  # usually one source step
+            take = np.zeros(b, np.int32)
+            mine = np.zeros(b, bool)
+            for i, (_, r, row) in zip(rows, nxt):
+                if r is res:
+                    take[i], mine[i] = row, True
+            tokens = self._pick(res.tokens, take, mine, tokens)
+        res = self._run_group(works, tokens_on_device=tokens)[1]
+        self.ahead.add(works, rows, res)
+
+    def _run_group(self, group: list[SeqWork], tokens_on_device=None):
+        """Dispatch one jitted step for ``group`` (all T = 1, or prefill chunks); returns the rows
+        and the sampled results (on device). ``tokens_on_device`` i32[b,1] replaces the works'
+        tokens (a lookahead step's inputs, sampled by the step before)."""
+        rows, b = self.placement.arrange(group, self.limits.max_batch)  # row of each work, batch size
+        t = 1 if all(len(w.tokens) == 1 for w in group) else next_pow2(max(len(w.tokens) for w in group), 8)
+        mb = self.cc.max_blocks_per_seq
+        tokens = np.zeros((b, t), np.int32)
+        positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+        slots = np.full(b, self.cc.num_slots, np.int32)  # padding rows: no slot, nothing written
+        table = np.zeros((b, mb), np.int32)
+        lengths = np.zeros(b, np.int32)
+        state_start = np.zeros(b, np.int32)
+        cached_until = np.zeros(b, np.int32)
+        sample_mask = np.zeros(b, bool)
+        for i, w in zip(rows, group):
+            n = len(w.tokens)
+            if len(w.block_ids) > mb:
+                raise ValueError(f"seq {w.seq_id}: {len(w.block_ids)} blocks > max_blocks_per_seq={mb}")
+            tokens[i, :n] = w.tokens
+            positions[i] = w.start + np.arange(t)
+            slots[i], lengths[i] = w.slot, n
+            table[i, : len(w.block_ids)] = w.block_ids
+            state_start[i], cached_until[i] = w.state_start, w.cached_until
+            sample_mask[i] = w.sample
+        params, seeds, index = [SamplingParams(temperature=0.0)] * b, [0] * b, [0] * b
+        for i, w in zip(rows, group):
+            params[i], seeds[i], index[i] = w.sampling, w.seed, w.sample_index
+        sa = sampling.sampling_arrays(params, seeds, index, pad_to=b)
+        num_logprobs = SamplingParams.MAX_LOGPROBS if any(w.sampling.logprobs for w in group) else 0
+        meta = kvc.StepMeta(slots, table, lengths, state_start, cached_until)
+        if tokens_on_device is not None:
+            tokens = tokens_on_device
+        tokens, positions, meta, sa, sample_mask = self.placement.put_batch(
+            (tokens, positions, meta, sa, sample_mask)
+        )
+        res, self.state, self.counts, self.prompt_mask = self._step(
+            self.params,
+            self.state,
+            self.counts,
+            self.prompt_mask,
+            tokens,
+            positions,
+            meta,
+            sa,
+            sample_mask,
+            num_logprobs=num_logprobs,
+        )
+        return rows, res
+
+    def _update_penalty_tables(self, works: list[SeqWork]) -> None:
+        """Reset fresh slots, then record every token the tables have not seen: prior tokens of
+        a fresh work (prefix hits), prompt tokens of chunks, replayed outputs (resumption).
+        Sampled tokens are recorded inside the step, so a decode input is never counted twice."""
+        if not any(
+            w.sampling.repetition_penalty != 1 or w.sampling.presence_penalty or w.sampling.frequency_penalty
+            for w in works
+        ):
+            for w in works:  # keep the bookkeeping so a later penalised request is exact
+                if w.fresh:
+                    self._counted[w.seq_id] = w.start - 1
+            return
+        fresh = [w for w in works if w.fresh]
+        if fresh:
+            n = next_pow2(len(fresh))
+            slots = np.full(n, self.cc.num_slots, np.int32)
+            slots[: len(fresh)] = [w.slot for w in fresh]
+            self.counts, self.prompt_mask = self._reset(
+                self.counts, self.prompt_mask, slots, slots < self.cc.num_slots
+            )
+        rows: list[tuple[int, int, bool]] = []
+        for w in works:
+            if w.fresh:
+                for p, tok in enumerate(w.prior_tokens or []):
+                    rows.append((w.slot, tok, p < w.prompt_len))
+                self._counted[w.seq_id] = w.start - 1
+            done = self._counted.get(w.seq_id, w.start - 1)
+            for p, tok in enumerate(w.tokens, start=w.start):
+                if p < w.prompt_len or p > done:
+                    rows.append((w.slot, tok, p < w.prompt_len))
+            self._counted[w.seq_id] = max(done, w.start + len(w.tokens) - 1)
+        if rows:
+            n = next_pow2(len(rows), 8)
+            arr = np.zeros((3, n), np.int32)
+            arr[:, : len(rows)] = np.asarray(rows, np.int32).T
+            valid = np.arange(n) < len(rows)
+            self.counts, self.prompt_mask = self._mark(
+                self.counts, self.prompt_mask, arr[0], arr[1], arr[2].astype(bool), valid
+            )
+
+    def forget(self, seq_id: int) -> None:
+        """Drop host bookkeeping of a finished or aborted sequence (and its lookahead row)."""
+        self._counted.pop(seq_id, None)
+        self.ahead.drop(seq_id)
+
+    @property
+    def state_bytes(self) -> int:
+        return kvc.state_bytes(self.state) + kvc.state_bytes(self.snapshots)
