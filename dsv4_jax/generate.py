@@ -32,6 +32,8 @@ import time
 from absl import app, logging
 from absl.flags import argparse_flags
 
+from dsv4_jax.bench.data import jsonl_records
+
 SAMPLING_KEYS = (
     "max_tokens",
     "temperature",
@@ -77,17 +79,13 @@ def parse_args(argv: list[str]):
 
 def read_records(path: str) -> list[dict]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n + 1}: not JSON ({e})") from None
+    try:
+        for n, rec in jsonl_records(path):
             if not isinstance(rec, dict) or ("prompt" in rec) == ("messages" in rec):
-                raise SystemExit(f"{path}:{n + 1}: each line needs exactly one of 'prompt' or 'messages'")
+                raise SystemExit(f"{path}:{n}: each line needs exactly one of 'prompt' or 'messages'")
             out.append(rec)
+    except ValueError as e:  # a line that is not JSON: the message names the file and line
+        raise SystemExit(str(e)) from None
     return out
 
 

@@ -84,33 +84,39 @@ def shared_prefix_requests(
     return out
 
 
+def jsonl_records(path: str):
+    """``(line number, record)`` for each non-blank line of a JSONL file; ``ValueError`` naming
+    the file and line for one that is not JSON (the benchmark's traces, generate's inputs)."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+
+
 def trace_requests(
     path: str, seed: int = 0, ids: list[int] | None = None, tokenizer=None, default_output_len: int = 128
 ) -> list[BenchRequest]:
     rng, ids = random.Random(seed), ids or list(range(2, 1000))
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n + 1}: not JSON ({e})") from None
-            olen = int(rec.get("output_len", rec.get("max_tokens", default_output_len)))
-            ts = rec.get("timestamp")
-            ts = None if ts is None else float(ts)
-            if "messages" in rec:
-                out.append(BenchRequest(None, 0, olen, messages=rec["messages"], timestamp=ts))
-            elif "prompt" in rec:
-                p = rec["prompt"]
-                plen = len(p) if isinstance(p, list) else (len(tokenizer.encode(p).ids) if tokenizer else 0)
-                out.append(BenchRequest(p, plen, olen, timestamp=ts))
-            elif "input_len" in rec:
-                k = int(rec["input_len"])
-                out.append(BenchRequest([rng.choice(ids) for _ in range(k)], k, olen, timestamp=ts))
-            else:
-                raise ValueError(f"{path}:{n + 1}: needs 'prompt', 'messages' or 'input_len'")
+    for n, rec in jsonl_records(path):
+        olen = int(rec.get("output_len", rec.get("max_tokens", default_output_len)))
+        ts = rec.get("timestamp")
+        ts = None if ts is None else float(ts)
+        if "messages" in rec:
+            out.append(BenchRequest(None, 0, olen, messages=rec["messages"], timestamp=ts))
+        elif "prompt" in rec:
+            p = rec["prompt"]
+            plen = len(p) if isinstance(p, list) else (len(tokenizer.encode(p).ids) if tokenizer else 0)
+            out.append(BenchRequest(p, plen, olen, timestamp=ts))
+        elif "input_len" in rec:
+            k = int(rec["input_len"])
+            out.append(BenchRequest([rng.choice(ids) for _ in range(k)], k, olen, timestamp=ts))
+        else:
+            raise ValueError(f"{path}:{n}: needs 'prompt', 'messages' or 'input_len'")
     if not out:
         raise ValueError(f"{path}: no requests")
     return out

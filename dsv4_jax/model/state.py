@@ -227,10 +227,9 @@ def stored(rows):
     return jax.tree.map(lambda a: kv_format._view(a, _BITS.get(jnp.dtype(a.dtype), a.dtype)), rows)
 
 
-def logical(store):
-    """The inverse of :func:`stored` (bitcasts only): ``kv_format.logical``. Meant for a few
-    gathered rows; on a whole pool the CPU backend copies it."""
-    return kv_format.logical(store)
+# The inverse of ``stored`` (bitcasts only). Meant for a few gathered rows; on a whole pool the
+# CPU backend copies it.
+logical = kv_format.logical
 
 
 def take_rows(store, idx: jax.Array):
