@@ -34,19 +34,14 @@ DEFAULT_COMPILE_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"
 
 
 def add_model_args(parser: argparse.ArgumentParser, profiling: bool = True) -> None:
-    """``--checkpoint``, ``--dtype``, the engine profile and knobs, ``--mesh``, the compile
+    """``--checkpoint``, ``--weights`` / ``--kernels`` / ``--dtype``, the engine profile and knobs, ``--mesh``, the compile
     cache and (optionally) the profiler flags."""
     parser.add_argument(
         "--checkpoint",
         default=DEMO_CHECKPOINT,
         help="safetensors or orbax checkpoint directory (default: the bundled demo)",
     )
-    parser.add_argument(
-        "--dtype",
-        default="bfloat16",
-        choices=("bfloat16", "float32"),
-        help="compute dtype of the weights and state",
-    )
+    add_held_args(parser)
     add_cli_args(parser)  # --profile, --swa-strategy, --max-model-len, --kv-format, --max-batch, ...
     parser.add_argument(
         "--no-qat",
@@ -76,6 +71,31 @@ def add_model_args(parser: argparse.ArgumentParser, profiling: bool = True) -> N
     )
     if profiling:
         add_profiler_args(parser)
+
+
+def add_held_args(parser: argparse.ArgumentParser) -> None:
+    """``--weights``, ``--kernels``, ``--dtype``: ``LLM``'s held format (``dsv4_jax.held``)."""
+    from dsv4_jax.held import DTYPES, KERNELS, WEIGHTS
+
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=WEIGHTS,
+        help="how weights are held: packed FP8/MXFP4 bytes, or dequantized to bf16 / f32 "
+        "(auto: packed on GPU, f32 on CPU)",
+    )
+    parser.add_argument(
+        "--kernels",
+        default="auto",
+        choices=KERNELS,
+        help="decode hot paths: Pallas kernels or their jnp references (auto: Pallas on GPU)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=DTYPES,
+        help="compute dtype (with --weights auto: weights dequantized into it)",
+    )
 
 
 def add_profiler_args(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +146,8 @@ def build_llm(args: argparse.Namespace):
     llm = LLM(
         args.checkpoint,
         profile=args.profile,
+        weights=getattr(args, "weights", "auto"),
+        kernels=getattr(args, "kernels", "auto"),
         dtype=args.dtype,
         qat=qat_arg(args),
         allow_lossy_kv=getattr(args, "allow_lossy_kv", False),
@@ -138,7 +160,7 @@ def build_llm(args: argparse.Namespace):
         args.checkpoint,
         time.monotonic() - t0,
         args.profile or "balanced",
-        args.dtype,
+        llm.held.describe(),
         "on" if llm.qat else "off",
         llm.engine.config.kv_format,
         llm.engine.max_model_len,

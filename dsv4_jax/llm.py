@@ -26,11 +26,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import numbers
+import os
 from collections.abc import Iterator, Sequence
 
 from dsv4_jax.engine.llm_engine import LLMEngine
 from dsv4_jax.engine.output import RequestOutput, TokenLogprobs
-from dsv4_jax.engine.profiles import PoolPlan, make_config, plan_pools, resolve_kv_format
+from dsv4_jax.engine.profiles import PoolPlan, kv_budget, make_config, plan_pools, resolve_kv_format
 from dsv4_jax.engine.request import RequestMetrics
 from dsv4_jax.engine.sampling_params import SamplingParams
 
@@ -55,12 +56,35 @@ class Output:
 StreamOutput = RequestOutput
 
 
+def _kv_budget(config, shards: int) -> tuple[int, str]:
+    """``profiles.kv_budget`` for this process's backend, measured after the weights are
+    placed: host memory on CPU, the first local device's memory stats on accelerators (each
+    sequence shard holds its part of the pools, so the budget scales with the shards)."""
+    import jax
+
+    backend = jax.default_backend()
+    if backend == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return kv_budget(config, backend, host_total=total)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    b, why = kv_budget(
+        config, backend, device_limit=stats.get("bytes_limit", 0), device_used=stats.get("bytes_in_use", 0)
+    )
+    return b * shards, why
+
+
 def _is_token_list(p) -> bool:
     return not isinstance(p, str) and all(isinstance(t, numbers.Integral) for t in p)
 
 
 class LLM:
     """Load a checkpoint and serve it in process.
+
+    Held format and kernels (``dsv4_jax.held``; docs/SERVING.md "Held formats and kernels"):
+    ``weights="auto"`` holds FP8 / MXFP4 weights packed on accelerators and dequantized to
+    float32 on CPU (the fastest there); ``kernels="auto"`` runs the Pallas kernels on GPU and
+    their jnp references elsewhere. ``dtype`` (``"bfloat16"`` / ``"float32"``) names the
+    compute dtype instead (with ``weights="auto"``: weights dequantized into it).
 
     Numerics (docs/SERVING.md "Numerics modes"): ``qat=None`` applies the reference's QAT
     rounding (FP8 KV rows, Hadamard + FP4 indexer keys, FP8 activations before FP8/FP4 GEMMs)
@@ -77,28 +101,33 @@ class LLM:
         profile: str | None = None,
         swa_strategy: str | None = None,
         *,
-        dtype: str = "bfloat16",
+        weights: str = "auto",
+        kernels: str = "auto",
+        dtype: str | None = None,
         qat: bool | None = None,
         allow_lossy_kv: bool = False,
         mesh=None,
         **engine_args,
     ):
-        import jax.numpy as jnp  # the device side; the engine itself stays host-only
+        import jax  # the device side; the engine itself stays host-only
+        import jax.numpy as jnp
 
+        from dsv4_jax import held
         from dsv4_jax.checkpoint import load_checkpoint, load_tokenizer
         from dsv4_jax.model.accounting import kv_bytes
         from dsv4_jax.model.state import KVFormat
         from dsv4_jax.model.transformer import ModelOptions
 
         config = make_config(profile, swa_strategy, **engine_args)
-        if dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+        self.held = held.resolve(weights, kernels, dtype, backend=jax.default_backend())
         shards = 1
         if mesh is not None:  # params restored straight into their shards; pools split per sequence shard
             from dsv4_jax.parallel.rules import DEFAULT_RULES, Layout
 
             shards = Layout.create(mesh, DEFAULT_RULES).num_seq_shards
-        cfg, params = load_checkpoint(checkpoint_dir, getattr(jnp, dtype), mesh=mesh)
+        cfg, params = load_checkpoint(
+            checkpoint_dir, getattr(jnp, self.held.dtype), storage=self.held.storage, mesh=mesh
+        )
         self.qat = cfg.qat_trained if qat is None else bool(qat)
         config = dataclasses.replace(
             config, kv_format=resolve_kv_format(config.kv_format, self.qat, allow_lossy_kv)
@@ -111,7 +140,12 @@ class LLM:
                 )
         acc = kv_bytes(cfg, KVFormat.parse(config.kv_format))
         pools = plan_pools(
-            config, acc.bytes_per_token, acc.fixed_bytes_per_seq, cfg.max_position_embeddings, shards
+            config,
+            acc.bytes_per_token,
+            acc.fixed_bytes_per_seq,
+            cfg.max_position_embeddings,
+            shards,
+            budget=_kv_budget(config, shards),
         )
 
         from dsv4_jax.engine.runner.model_runner import JaxModelRunner
@@ -130,7 +164,7 @@ class LLM:
             eos_token_id=cfg.eos_token_id,
             mesh=mesh,
             lookahead=config.decode_lookahead,
-            opts=ModelOptions(sim_quant=self.qat),
+            opts=ModelOptions(sim_quant=self.qat, kernels=self.held.kernels),
         )
         self.model_config = cfg
         self.pools: PoolPlan | None = pools
@@ -140,7 +174,7 @@ class LLM:
     def from_engine(cls, engine: LLMEngine) -> LLM:
         """An ``LLM`` over an existing engine (any runner)."""
         llm = cls.__new__(cls)
-        llm.model_config, llm.pools, llm.qat = None, None, None
+        llm.model_config, llm.pools, llm.qat, llm.held = None, None, None, None
         llm._init(engine)
         return llm
 

@@ -179,6 +179,7 @@ def test_fp8_storage_is_lossless_for_qat_rounded_rows():
     np.testing.assert_allclose(outs["fp8-fp4"], outs["bf16"], atol=2e-4 * np.abs(outs["bf16"]).max())
 
 
+@pytest.mark.slow  # CI time: the lossless test above covers FP8 rows in make test
 def test_fp8_storage_runs_and_stays_close():
     cfg, params, _, _ = setup("tiny")
     tokens = np.random.RandomState(5).randint(0, cfg.vocab_size, 40)

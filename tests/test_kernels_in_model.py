@@ -50,6 +50,7 @@ def test_kernels_read_fp8_rows_and_fp4_keys():
     assert_close(out["pallas"], out["reference"])
 
 
+@pytest.mark.slow  # CI time: make test-slow
 def test_mxfp4_expert_kernel_on_the_packed_demo():
     """Experts held packed (the checkpoint's MXFP4 bytes) run through the MXFP4 kernel."""
     cfg, dense = load_checkpoint("checkpoints/demo", jnp.float32)

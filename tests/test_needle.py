@@ -16,6 +16,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dsv4_jax.bench import needle
 from dsv4_jax.checkpoint import load_checkpoint, load_tokenizer
@@ -80,6 +81,7 @@ def test_trained_demo_retrieves_beyond_the_window(capsys):
     assert acc["cold"] >= 0.95 and acc["hit"] >= 0.95, acc
 
 
+@pytest.mark.slow  # CI time: make test-slow
 def test_random_indexer_control_loses_the_needle(capsys):
     """The same prompts with a random indexer fail the bar above by a margin (measured 0.60 of
     20). A needle in the very first tokens (depth 0) stays partly reachable at 1-2K without the

@@ -22,7 +22,15 @@ def _case(t, window, seed=0):
     return q, kv, extra, pos, emask, sink
 
 
-@pytest.mark.parametrize("t,window", [(70, 16), (64 + 1, 16), (96, 8), (129, 16)])
+@pytest.mark.parametrize(
+    "t,window",
+    [
+        (70, 16),
+        (96, 8),
+        pytest.param(64 + 1, 16, marks=pytest.mark.slow),
+        pytest.param(129, 16, marks=pytest.mark.slow),
+    ],
+)
 def test_banded_equals_dense(t, window):
     q, kv, extra, pos, emask, sink = _case(t, window)
     seg = attention.window_segment(kv, pos, window)

@@ -62,6 +62,10 @@ SIZES = {
         moe_intermediate_size=512,
         num_hash_layers=2,
     ),
+    # Issue 19's CPU target: Flash's layer pattern (2 SWA, then CSA/HCA alternating) over 8 layers,
+    # hidden 768, 32 experts top-6, and Flash's 1M-token max_position_embeddings, so defaults
+    # (no max_model_len) meet a 1M-wide block table. The rest as ``mid``.
+    "mid1m": None,
     "tiny": dict(DEMO_SHAPE),  # the demo's architecture
     # V4's decision regime at a few hundred tokens: the indexer keeps every entry (Flash's top-512
     # drops none below 2K tokens), 32 experts top-6, 3 hash layers; the demo's other widths.
@@ -84,12 +88,23 @@ SIZES = {
     },
 }
 
+SIZES["mid1m"] = {
+    **SIZES["mid"],
+    "hidden_size": 768,
+    "num_hidden_layers": 8,
+    "compress_ratios": (0, 0, 4, 128, 4, 128, 4, 0, 0),
+    "n_routed_experts": 32,
+    "num_experts_per_tok": 6,
+    "num_hash_layers": 3,
+    "max_position_embeddings": 1 << 20,
+}
+
 
 def size_config(size: str, **overrides) -> Config:
     """The ``Config`` of a named size (``SIZES``), published-format storage."""
     if size not in SIZES:
         raise ValueError(f"unknown checkpoint size {size!r}; known: {sorted(SIZES)}")
-    return Config(**{**SIZES[size], **COMMON, **overrides})
+    return Config(**{**COMMON, **SIZES[size], **overrides})
 
 
 def build_random(out_dir: str, cfg: Config, seed: int = 0) -> str:

@@ -92,6 +92,21 @@ def measure_bandwidth(mib: int) -> float:
     return x.nbytes / best
 
 
+def rss_bytes() -> int:
+    """This process's resident set now (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def rss_peak_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -101,20 +116,27 @@ def _timed(fn) -> float:
 # ----------------------------------------------------------------------------- ours
 def make_llm(
     ckpt: str,
-    dtype: str,
+    held: dict,
     max_batch: int,
-    max_len: int,
+    max_len: int | None,
     tokens_per_step: int,
     lookahead: bool = True,
     qat: bool = False,
+    defaults: bool = False,
 ):
-    """``LLM`` for the benchmark: bf16 rows; QAT rounding off unless asked (the HF port has none,
-    so the greedy-agreement check compares the same math)."""
+    """``LLM`` for the benchmark. ``defaults``: what ``LLM(dir)`` serves (default profile, KV
+    format, QAT mode and pool sizing; ``max_len`` only if given). Otherwise the HF comparison's
+    set-up: bf16 rows, QAT rounding off unless asked (the HF port has none, so the greedy-agreement
+    check compares the same math), the context capped at ``max_len``. ``held``: ``weights`` /
+    ``kernels`` / ``dtype`` (``dsv4_jax.held``)."""
     from dsv4_jax import LLM
 
+    if defaults:
+        extra = {} if max_len is None else {"max_model_len": max_len}
+        return LLM(ckpt, max_batch=max_batch, decode_lookahead=lookahead, **held, **extra)
     return LLM(
         ckpt,
-        dtype=dtype,
+        **held,
         kv_format="bf16",
         qat=None if qat else False,
         max_batch=max_batch,
@@ -268,13 +290,16 @@ def run(argv=None) -> dict:
         action="store_true",
         help="serve with the checkpoint's QAT rounding (default off: the HF port has none)",
     )
+    from dsv4_jax.launch import add_held_args
+
+    add_held_args(ap)  # --weights / --kernels / --dtype (LLM's defaults unless given)
     ap.add_argument(
-        "--dtype",
-        default="bfloat16",
-        choices=["bfloat16", "float32"],
-        help="precision the engine holds weights in (both exact for FP8 / MXFP4; on XLA:CPU "
-        "bf16 matmuls are far slower than f32, docs/PERF.md 'Decode')",
+        "--engine-defaults",
+        action="store_true",
+        help="serve as LLM(dir) does (default profile, KV format, QAT, pools from memory); "
+        "the context is the checkpoint's unless --max-model-len",
     )
+    ap.add_argument("--max-model-len", type=int, default=None, help="with --engine-defaults: cap the context")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF port")
     ap.add_argument(
         "--no-decode-lookahead",
@@ -301,11 +326,26 @@ def run(argv=None) -> dict:
     max_b, plen, new = max(batches), args.prompt_len, args.new_tokens
     rng = np.random.RandomState(0)
     t = time.perf_counter()
+    held = {"weights": args.weights, "kernels": args.kernels, "dtype": args.dtype}
+    max_len = args.max_model_len if args.engine_defaults else plen + new + 1
     llm = make_llm(
-        ckpt, args.dtype, max_b, plen + new + 1, max_b * plen, not args.no_decode_lookahead, args.qat
+        ckpt,
+        held,
+        max_b,
+        max_len,
+        max_b * plen,
+        not args.no_decode_lookahead,
+        args.qat,
+        args.engine_defaults,
     )
     cfg = llm.model_config
-    log(f"loaded {ckpt} in {time.perf_counter() - t:.1f} s")
+    rss_load = rss_bytes()
+    log(
+        f"loaded {ckpt} in {time.perf_counter() - t:.1f} s: {llm.held.describe()}, KV {llm.engine.config.kv_format}, "
+        f"QAT {'on' if llm.qat else 'off'}, max_model_len {llm.engine.max_model_len}, "
+        f"pools {llm.pools.total_bytes / 2**30:.2f} GiB ({llm.pools.budget or 'slots x context'}); "
+        f"RSS {rss_load / 2**30:.2f} GiB"
+    )
     prompts = {b: rng.randint(2, cfg.vocab_size, (b, plen)).tolist() for b in batches}
     wb = weight_bytes(llm.engine.runner.params, cfg)
     bw = measure_bandwidth(args.bandwidth_mib or (64 if args.size == "tiny" else 1024))
@@ -327,7 +367,14 @@ def run(argv=None) -> dict:
                 "compress_ratios",
             )
         },
-        "held_dtype": f"{args.dtype} (fp32 for the leaves params.py keeps in fp32)",
+        "held": llm.held.describe() + " (fp32 for the leaves params.py keeps in fp32)",
+        "engine_defaults": args.engine_defaults,
+        "kv_format": llm.engine.config.kv_format,
+        "qat_on": bool(llm.qat),
+        "max_model_len": llm.engine.max_model_len,
+        "pool_bytes": llm.pools.total_bytes,
+        "pool_budget": llm.pools.budget,
+        "rss_after_load_bytes": rss_load,
         "decode_lookahead": not args.no_decode_lookahead,
         "qat": args.qat,
         "loadavg_start": os.getloadavg(),
@@ -363,9 +410,12 @@ def run(argv=None) -> dict:
             f"({ours['step_ms']:.1f} ms/step); roofline {roof:.1f} tok/s -> {entry['jax_fraction_of_roofline']:.1%}; "
             f"in compiled step {ours['in_compiled_step_fraction']:.1%}, {ours['compilations']} compilations"
         )
+    res["rss_peak_bytes"] = rss_peak_bytes()
+    log(f"RSS peak {res['rss_peak_bytes'] / 2**30:.2f} GiB")
     cfg32, params32 = load_f32(ckpt)
-    res["held_vs_f32_weights"] = held_is_exact(llm.engine.runner.params, params32)
-    log(f"held {args.dtype} weights against the f32 dequantization: {res['held_vs_f32_weights']}")
+    if llm.held.weights != "packed":
+        res["held_vs_f32_weights"] = held_is_exact(llm.engine.runner.params, params32)
+        log(f"held {llm.held.weights} weights against the f32 dequantization: {res['held_vs_f32_weights']}")
     del llm
     if not args.no_hf:
         hf_new = args.hf_new_tokens or new
@@ -387,7 +437,9 @@ def run(argv=None) -> dict:
         del model, params32
         if args.agree_f32:
             b = batches[0]
-            llm32 = make_llm(ckpt, "float32", b, plen + new + 1, b * plen, not args.no_decode_lookahead)
+            llm32 = make_llm(
+                ckpt, {"weights": "f32"}, b, plen + new + 1, b * plen, not args.no_decode_lookahead
+            )
             ours32 = run_llm(llm32, prompts[b], min(new, hf_new))
             res["agreement_f32_vs_hf"] = agreement(ours32["tokens"][0], res[f"hf_tokens_b{b}"])
             del llm32

@@ -83,6 +83,8 @@ def evaluate(checkpoint: str, prompts, swa: str, kv_format: str, args) -> dict:
         checkpoint,
         profile="balanced",
         swa_strategy=swa,
+        weights=args.weights,
+        kernels=args.kernels,
         dtype=args.dtype,
         kv_format=kv_format,
         qat=False if args.no_qat else None,
@@ -172,7 +174,9 @@ def main(argv=None) -> int:
         help="comma-separated SWA_STRATEGY:KV_FORMAT, e.g. full:bf16,checkpoint:fp8,recompute:fp8-fp4",
     )
     ap.add_argument("--indexer", choices=("trained", "random"), default="trained")
-    ap.add_argument("--dtype", default="bfloat16")
+    from dsv4_jax.launch import add_held_args
+
+    add_held_args(ap)  # --weights / --kernels / --dtype (LLM's defaults unless given)
     ap.add_argument("--no-qat", action="store_true", help="the HF port's unquantized math (docs/SERVING.md)")
     ap.add_argument("--allow-lossy-kv", action="store_true", help="FP8 storage with --no-qat")
     ap.add_argument("--batch", type=int, default=4)
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
         "indexer": args.indexer,
         "samples_per_cell": args.samples,
         "window": cfg.sliding_window,
-        "dtype": args.dtype,
+        "held": {"weights": args.weights, "kernels": args.kernels, "dtype": args.dtype},
         "qat": not args.no_qat and cfg.qat_trained,
         "max_tokens_per_step": args.max_tokens_per_step,
         "checkpoint_interval": args.checkpoint_interval,

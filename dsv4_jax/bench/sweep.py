@@ -69,7 +69,9 @@ def run(argv=None) -> dict:
     ap.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768,65536")
     ap.add_argument("--new-tokens", type=int, default=17)
     ap.add_argument("--chunk", type=int, default=4096, help="prefill tokens per step")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights held in")
+    from dsv4_jax.launch import add_held_args
+
+    add_held_args(ap)  # --weights / --kernels / --dtype
     ap.add_argument("--json", help="write the points here")
     ap.add_argument("--plot", help="write a PNG plot here")
     args = ap.parse_args(argv)
@@ -78,7 +80,8 @@ def run(argv=None) -> dict:
     )
     contexts = [int(c) for c in args.contexts.split(",")]
     new = args.new_tokens
-    llm = decode.make_llm(ckpt, args.dtype, 1, max(contexts) + new + 1, args.chunk)
+    held = {"weights": args.weights, "kernels": args.kernels, "dtype": args.dtype}
+    llm = decode.make_llm(ckpt, held, 1, max(contexts) + new + 1, args.chunk)
     rng = np.random.RandomState(0)
     vocab = llm.model_config.vocab_size
     decode.run_llm(llm, [rng.randint(2, vocab, min(contexts)).tolist()], new)  # compile decode + chunks
@@ -100,7 +103,7 @@ def run(argv=None) -> dict:
     first, last = points[0]["decode_ms_per_token"], points[-1]["decode_ms_per_token"]
     res = {
         "checkpoint": ckpt,
-        "dtype": args.dtype,
+        "held": llm.held.describe(),
         "config": {
             "index_topk": llm.model_config.index_topk,
             "compress_ratios": llm.model_config.compress_ratios,

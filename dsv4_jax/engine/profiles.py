@@ -34,8 +34,9 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     num_slots: int | None = None  # state slots; None: max_batch
     num_snapshots: int = 256  # SWA snapshot store entries (full / checkpoint)
-    num_blocks: int | None = None  # pool blocks; None: from kv_cache_bytes, else slots × max blocks per seq
-    kv_cache_bytes: int | None = None  # device bytes for blocks + slots + snapshots together
+    num_blocks: int | None = None  # pool blocks; None: as many as the KV budget holds (at most slots × max)
+    kv_cache_bytes: int | None = None  # KV budget: blocks + slots + snapshots; None: from memory (kv_budget)
+    gpu_memory_utilization: float = 0.9  # accelerators: share of device memory the runner may hold
     seed: int = 0  # draws the seeds of requests that gave none
     decode_lookahead: bool = True  # dispatch the next decode step before reading back this one (lookahead.py)
 
@@ -56,6 +57,8 @@ class EngineConfig:
             bad("num_snapshots", "must be >= 0")
         if self.enable_prefix_cache and self.swa_strategy != "recompute" and self.num_snapshots == 0:
             bad("num_snapshots", f"swa_strategy={self.swa_strategy!r} keeps SWA snapshots; give it some")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            bad("gpu_memory_utilization", "must be in (0, 1]")
         for f in ("max_model_len", "num_slots", "num_blocks", "kv_cache_bytes"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -152,9 +155,35 @@ def resolve_kv_format(kv_format: str | None, qat: bool, allow_lossy_kv: bool = F
     return kv_format
 
 
+# ----------------------------------------------------------------------------- KV budget
+HOST_KV_BYTES = 4 << 30  # CPU: the KV budget's ceiling (a laptop stays usable)
+HOST_KV_SHARE = 8  # CPU: at most 1/8 of physical memory
+TEMP_RESERVE_BYTES = 2 << 30  # accelerators: compiled-step temporaries (docs/PERF.md "Step memory")
+
+
+def kv_budget(
+    ec: EngineConfig, backend: str, *, host_total: int = 0, device_limit: int = 0, device_used: int = 0
+):
+    """``(bytes, why)``: the KV pools' budget when ``ec.kv_cache_bytes`` does not give one, like
+    vLLM's ``--gpu-memory-utilization``. Accelerators: ``gpu_memory_utilization`` of each
+    device's memory, less what is in use once the weights are loaded and a reserve for the step
+    temporaries (flat in ``max_model_len``: ``bench/step_memory.py``). CPU: a stated host budget,
+    ``min(HOST_KV_BYTES, host_total / HOST_KV_SHARE)``."""
+    if ec.kv_cache_bytes is not None:
+        return ec.kv_cache_bytes, "kv_cache_bytes"
+    if backend == "cpu":
+        b = min(HOST_KV_BYTES, host_total // HOST_KV_SHARE) if host_total else HOST_KV_BYTES
+        return b, f"host budget min({HOST_KV_BYTES >> 30} GiB, RAM/{HOST_KV_SHARE})"
+    free = int(ec.gpu_memory_utilization * device_limit) - device_used - TEMP_RESERVE_BYTES
+    return max(free, 0), (
+        f"{ec.gpu_memory_utilization:.0%} of device memory after weights and a "
+        f"{TEMP_RESERVE_BYTES >> 30} GiB reserve for step temporaries"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class PoolPlan:
-    """Pool sizes for the model runner, and their bytes."""
+    """Pool sizes for the model runner, and their bytes (``budget``: what sized them, if any)."""
 
     num_slots: int
     num_blocks: int
@@ -163,6 +192,7 @@ class PoolPlan:
     max_model_len: int
     bytes_per_block: int
     bytes_per_slot: int
+    budget: str = ""
 
     @property
     def total_bytes(self) -> int:
@@ -178,39 +208,45 @@ def plan_pools(
     bytes_per_slot: int,
     max_position_embeddings: int,
     shards: int = 1,
+    budget: tuple[int, str] | None = None,
 ) -> PoolPlan:
     """Pool sizes for ``ec``. ``bytes_per_token`` / ``bytes_per_slot``: the state accounting's
     per-token cost of all compressed pools and fixed per-sequence cost (windows + tails), as
     ``kv_accounting.kv_bytes(cfg, fmt)`` gives them; a snapshot costs what a slot does.
     ``shards``: sequence shards of a data-parallel runner; slots are rounded up and blocks down
     to a multiple of it (each shard gets an equal part, and one sequence's blocks must fit in
-    one part)."""
+    one part). Blocks: ``ec.num_blocks``, else as many as the budget holds (``ec.kv_cache_bytes``,
+    else ``budget``, ``kv_budget``'s answer), never more than every slot at ``max_model_len``;
+    with neither, every slot at ``max_model_len``."""
     max_len = min(ec.max_model_len or max_position_embeddings, max_position_embeddings)
     max_blocks = cdiv(max_len, ec.block_tokens)
     max_len = min(max_len, max_blocks * ec.block_tokens)
     per_block = round(bytes_per_token * ec.block_tokens)
     slots = -(-(ec.num_slots or ec.max_batch) // shards) * shards
     snaps = ec.num_snapshots if ec.snapshot_interval else 0
+    why = ""
     if ec.num_blocks is not None:
         blocks = ec.num_blocks
-    elif ec.kv_cache_bytes is not None:
-        left = ec.kv_cache_bytes - (slots + snaps) * bytes_per_slot
-        blocks = left // per_block // shards * shards if left > 0 else 0
+    elif ec.kv_cache_bytes is not None or budget is not None:
+        total, why = (ec.kv_cache_bytes, "kv_cache_bytes") if ec.kv_cache_bytes is not None else budget
+        left = total - (slots + snaps) * bytes_per_slot
+        blocks = min(left // per_block if left > 0 else 0, slots * max_blocks) // shards * shards
         if blocks // shards < max_blocks:
             per = "" if shards == 1 else f" ({blocks // shards} on each of {shards} sequence shards)"
             raise ValueError(
-                f"kv_cache_bytes={ec.kv_cache_bytes:,} leaves {max(blocks, 0)} blocks{per} after {slots} slots and "
-                f"{snaps} snapshots of {bytes_per_slot:,} B; one sequence at max_model_len={max_len} needs "
-                f"{max_blocks} blocks of {per_block:,} B. Raise kv_cache_bytes or lower max_model_len / "
-                f"num_slots / num_snapshots."
+                f"the KV budget of {total:,} B ({why}) leaves {max(blocks, 0)} blocks{per} after {slots} "
+                f"slots and {snaps} snapshots of {bytes_per_slot:,} B; one sequence at max_model_len={max_len} "
+                f"needs {max_blocks} blocks of {per_block:,} B. Raise kv_cache_bytes (--kv-cache-bytes) or "
+                f"lower max_model_len / num_slots / num_snapshots."
             )
+        why = f"{total / 2**30:.2f} GiB: {why}"
     else:
         blocks = slots * max_blocks
     if blocks % shards:
         raise ValueError(
             f"num_blocks={blocks} must be a multiple of the {shards} sequence shards of the mesh"
         )
-    return PoolPlan(slots, blocks, snaps, max_blocks, max_len, per_block, int(bytes_per_slot))
+    return PoolPlan(slots, blocks, snaps, max_blocks, max_len, per_block, int(bytes_per_slot), why)
 
 
 # ----------------------------------------------------------------------------- CLI flags
@@ -236,6 +272,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         ("num-blocks", int),
         ("num-slots", int),
         ("kv-cache-bytes", int),
+        ("gpu-memory-utilization", float),
         ("kv-format", str),
     ):
         g.add_argument(f"--{name}", type=typ, default=None)
@@ -258,6 +295,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         "num_blocks",
         "num_slots",
         "kv_cache_bytes",
+        "gpu_memory_utilization",
         "kv_format",
     )
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}

@@ -50,13 +50,16 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
 
 def parse_mesh(spec: str, devices=None) -> Mesh:
     """A mesh ``(data, expert, tensor)`` over ``devices`` (default: every device of every process).
+    ``"auto"``: all of them on the expert axis (expert parallelism, V4's serving layout).
 
     Axis types are ``Auto``: jitted code is partitioned by XLA from the shardings of its
     inputs and ``with_sharding_constraint``; the collectives that matter (expert all-to-all,
     data-parallel attention) are explicit ``shard_map`` regions.
     """
-    sizes = parse_mesh_spec(spec)
     devices = list(jax.devices() if devices is None else devices)
+    if spec.strip() == "auto":  # every device, experts split over all of them (EP), no TP / DP
+        spec = f"expert={len(devices)}"
+    sizes = parse_mesh_spec(spec)
     total = math.prod(sizes.values())
     if total != len(devices):
         shown = ",".join(f"{a}={n}" for a, n in sizes.items())
@@ -83,7 +86,10 @@ def validate_for(mesh: Mesh, cfg: Config) -> None:
 def add_mesh_args(parser: argparse.ArgumentParser) -> None:
     """The flags the server and scripts share: the mesh, and the multi-host runtime."""
     parser.add_argument(
-        "--mesh", default=None, help="device mesh, e.g. data=1,expert=8,tensor=1 (default: one device)"
+        "--mesh",
+        default=None,
+        help="device mesh, e.g. data=1,expert=8,tensor=1, or 'auto' (every device, expert parallel); "
+        "default: one device",
     )
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host only)")
     parser.add_argument("--num-processes", type=int, default=None, help="number of processes (one per host)")

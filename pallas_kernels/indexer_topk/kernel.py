@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _common as cm
-from pallas_kernels import kv_format
+from pallas_kernels import kv_format, paging
 from pallas_kernels.indexer_topk.reference import validate_indexer_args
 
 F32 = jnp.float32
@@ -125,6 +125,9 @@ def _body(
     plt.store(idx_ref.at[ii, ss, slot], base + row_id * block_k + lane[None, :], mask=take)
 
 
+MAX_SPLITS_PER_CALL = 16  # beyond this, splits run in groups merged by a running top-k
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("ratio", "topk", "block_k", "split_entries", "num_warps", "num_stages", "interpret"),
@@ -149,10 +152,15 @@ def indexer_topk(
 
     ``split_entries`` (power of two ≥ topk, multiple of ``block_k``) is the entry range of
     one program; ``None`` picks ``max(pow2 ≥ topk, min(4096, pow2 ≥ capacity))``.
+
+    A table wider than ``MAX_SPLITS_PER_CALL`` splits runs as a loop over groups of that many
+    splits (a sub-table each, positions shifted so the kernel's causal limit stays exact), up to
+    the batch's longest visible entry only, each group's top-k merged into a running top-k
+    (``paging``'s scheme): the candidates the epilogue sorts, and the reads, no longer grow
+    with the table's width (1M tokens: 64 splits of 4096).
     """
     keys = kv_format.logical(keys)  # keys held as bits: a view
     validate_indexer_args(q, w, keys, block_table, start, q_lens, ratio, topk)
-    b, t, h, d = q.shape
     e_per_block = keys.shape[1]
     cap = block_table.shape[1] * e_per_block
     if split_entries is None:
@@ -162,6 +170,42 @@ def indexer_topk(
             f"block_k={block_k} and split_entries={split_entries} must be powers of two "
             f"with split_entries >= max(topk={topk}, block_k)"
         )
+    kw = dict(
+        ratio=ratio,
+        topk=topk,
+        block_k=block_k,
+        split_entries=split_entries,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+    )
+    group = MAX_SPLITS_PER_CALL * split_entries  # entries per call
+    if cap <= group or group % e_per_block:
+        return _splits_topk(q, w, keys, block_table, start, q_lens, **kw)
+    per_group = group // e_per_block
+    table = paging.padded_table(block_table, per_group)
+    visible = (start + q_lens) // ratio  # i32[B]: entries any query of the row can see
+    b, t = q.shape[:2]
+
+    def body(g, carry):
+        val, idx = carry
+        sub = lax.dynamic_slice_in_dim(table, g * per_group, per_group, axis=1)
+        off = g * group
+        i, v = _splits_topk(q, w, keys, sub, start - off * ratio, q_lens, **kw)
+        i = jnp.where(i >= 0, i + off, -1)
+        val, pick = lax.top_k(jnp.concatenate([val, v], -1), topk)  # running first: lower ids win ties
+        return val, jnp.take_along_axis(jnp.concatenate([idx, i], -1), pick, -1)
+
+    init = (jnp.full((b, t, topk), -jnp.inf, F32), jnp.full((b, t, topk), -1, I32))
+    val, idx = lax.fori_loop(0, paging.num_chunks(visible, e_per_block, per_group), body, init)
+    return jnp.where(val == -jnp.inf, -1, idx).astype(I32), val
+
+
+def _splits_topk(q, w, keys, block_table, start, q_lens, *, ratio, topk, block_k, split_entries, **launch):
+    """One launch over every split of ``block_table``, then the epilogue's exact merge."""
+    b, t, h, d = q.shape
+    e_per_block = keys.shape[1]
+    cap = block_table.shape[1] * e_per_block
     num_splits = cm.cdiv(cap, split_entries)
     hp = max(16, cm.next_pow2(h))
     qp = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, 0))).reshape(b * t, hp, d)
@@ -187,9 +231,9 @@ def indexer_topk(
         body,
         grid=(b * t, num_splits),
         out_shape=out_shape,
-        interpret=cm.resolve_interpret(interpret),
-        num_warps=num_warps,
-        num_stages=num_stages,
+        interpret=cm.resolve_interpret(launch["interpret"]),
+        num_warps=launch["num_warps"],
+        num_stages=launch["num_stages"],
         name=f"indexer_topk_{fmt}",
     )(qp, wp, block_table, start, q_lens, *leaves)
     vals = vals.reshape(b, t, num_splits * topk)

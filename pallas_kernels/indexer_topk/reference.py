@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import kv_format
+from pallas_kernels import kv_format, paging
 
 F32 = jnp.float32
 
@@ -50,15 +50,6 @@ def validate_indexer_args(q, w, keys, block_table, start, q_lens, ratio: int, to
         raise ValueError(f"ratio={ratio} and topk={topk} must be positive")
 
 
-def paged_keys(keys, block_table: jax.Array) -> jax.Array:
-    """Every key slot of each sequence, f32[B, max_blocks·E, D], in entry order."""
-    e_per_block = keys.shape[1]
-    cap = block_table.shape[1] * e_per_block
-    ent = jnp.arange(cap)
-    blk = block_table[:, ent // e_per_block]  # [B,C]
-    return kv_format.dequantize_indexer_keys(kv_format.read_rows(keys, (blk, ent % e_per_block)))
-
-
 def index_scores_reference(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
     """``Σ_h w·ReLU(q·K)``, f32[B,T,S], for dense keys [B,S,D]: the math of ``index_scores``."""
     s = jnp.einsum("bthd,bsd->bths", q, keys.astype(q.dtype), preferred_element_type=F32)
@@ -77,19 +68,30 @@ def indexer_topk_reference(
     ratio: int,
     topk: int,
 ) -> tuple[jax.Array, jax.Array]:  # (i32[B,T,topk] entry ids, f32[B,T,topk] their scores)
-    """Dense scores over every key slot, causal mask, ``lax.top_k``, −1 for invisible picks."""
+    """Scores chunk by chunk of whole blocks (``paging``) with a running top-k, only up to
+    the longest sequence's visible entries: memory flat in the table width, work following
+    the real context. Merging ``[running ‖ chunk]`` keeps ``lax.top_k``'s lower-entry-first
+    tie order (running entries are all earlier), so the result is the dense top-k's."""
     validate_indexer_args(q, w, kv_format.logical_shapes(keys), block_table, start, q_lens, ratio, topk)
-    t = q.shape[1]
-    kd = paged_keys(keys, block_table)  # [B,C,D]
-    cap = kd.shape[1]
-    kd = jnp.where(jnp.isnan(kd), 0.0, kd)  # unused (poisoned) slots are masked below anyway
-    scores = index_scores_reference(q, w, kd)  # [B,T,C]
+    b, t, h, _ = q.shape
+    e_per_block = keys.shape[1]
     pos = start[:, None] + jnp.arange(t)[None, :]
-    visible = jnp.where(jnp.arange(t)[None, :] < q_lens[:, None], (pos + 1) // ratio, 0)  # [B,T]
-    if cap < topk:
-        scores = jnp.pad(scores, ((0, 0), (0, 0), (0, topk - cap)))
-    ent = jnp.arange(scores.shape[-1])
-    masked = jnp.where(ent[None, None, :] < visible[..., None], scores, -jnp.inf)
-    val, idx = jax.lax.top_k(masked, topk)
-    ok = idx < visible[..., None]
-    return jnp.where(ok, idx, -1).astype(jnp.int32), jnp.where(ok, val, -jnp.inf)
+    visible = jnp.where(jnp.arange(t)[None, :] < q_lens[:, None], (pos + 1) // ratio, 0)  # i32[B,T]
+    per_chunk = paging.chunk_blocks(e_per_block, block_table.shape[1], b * t * h)
+    table = paging.padded_table(block_table, per_chunk)
+
+    def body(i, carry):
+        val, idx = carry  # f32[B,T,k], i32[B,T,k]
+        rows, ent = paging.read_chunk(keys, table, i, per_chunk)  # [B,C,D], i32[C]
+        kd = kv_format.dequantize_indexer_keys(rows)
+        kd = jnp.where(jnp.isnan(kd), 0.0, kd)  # unused (poisoned) slots are masked below anyway
+        s = index_scores_reference(q, w, kd)  # f32[B,T,C]
+        s = jnp.where(ent[None, None, :] < visible[..., None], s, -jnp.inf)
+        ids = jnp.broadcast_to(ent.astype(jnp.int32), s.shape)
+        val, pick = jax.lax.top_k(jnp.concatenate([val, s], -1), topk)
+        return val, jnp.take_along_axis(jnp.concatenate([idx, ids], -1), pick, -1)
+
+    init = (jnp.full((b, t, topk), -jnp.inf, F32), jnp.full((b, t, topk), -1, jnp.int32))
+    val, idx = jax.lax.fori_loop(0, paging.num_chunks(visible, e_per_block, per_chunk), body, init)
+    ok = jnp.isfinite(val)
+    return jnp.where(ok, idx, -1), jnp.where(ok, val, -jnp.inf)

@@ -29,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import kv_format
+from pallas_kernels import kv_format, paging
 
 F32 = jnp.float32
 
@@ -133,8 +133,11 @@ def sparse_attention_reference(
     state_start: jax.Array | None = None,  # i32[B] first position the ring holds (None: 0)
     ratio: int = 0,
 ) -> jax.Array:  # [B,T,H,K] in q.dtype
-    """Dense masked softmax over [ring ‖ chunk ‖ compressed ‖ sink]: the model's attention
-    on the state path (CPU and the default), and the spec the kernel is tested against."""
+    """Masked softmax over [ring ‖ chunk ‖ compressed ‖ sink]: the model's attention on the
+    state path (CPU and the default), and the spec the kernel is tested against. HCA entries
+    are streamed in chunks of whole blocks with an online softmax, only up to the longest
+    sequence's visible entries (``paging``): memory flat in the table width, work following
+    the real context."""
     shapes = kv_format.logical_shapes  # pools may be held as bits (kv_format.logical)
     validate_attention_args(
         q,
@@ -153,41 +156,84 @@ def sparse_attention_reference(
     first = jnp.zeros_like(start) if state_start is None else state_start
     b, t, h, k = q.shape
     window = ring.shape[1]
-    pos = start[:, None] + jnp.arange(t)[None, :]  # i32[B,T]
-    live = jnp.arange(t)[None, :] < q_lens[:, None]  # bool[B,T]
-
-    p_ring = ring_positions(start, window)  # [B,W]
     ring_keys = kv_format.dequantize_kv(kv_format.read_rows(ring, ring_slot))  # f32[B,W,K]
-    ring_mask = (p_ring[:, None, :] >= first[:, None, None]) & (p_ring[:, None, :] > pos[:, :, None] - window)
-    d = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
-    chunk_mask = jnp.broadcast_to((d >= 0) & (d < window), (b, t, t))
-    segments = [(ring_keys, ring_mask), (kv.astype(F32), chunk_mask)]  # shared keys [B,S,K]
-    if pool is not None:
-        cap = block_table.shape[1] * pool.shape[1]  # entries the block table can address
-        if topk is not None:
-            rows = gather_entries(pool, block_table, topk)  # [B,T,k,K]
-            segments.append((rows, (topk >= 0) & (topk < cap)))
-        else:
-            ent = jnp.arange(cap)
-            rows = gather_entries(pool, block_table, jnp.broadcast_to(ent, (b, cap)))  # [B,C,K]
-            segments.append((rows, ent[None, None, :] < ((pos + 1) // ratio)[:, :, None]))
-
+    p_ring = ring_positions(start, window)  # [B,W]
     scale = k**-0.5
-    logits, values = [], []
-    for keys, mask in segments:
-        mask = mask & live[:, :, None]
-        keys = jnp.where(mask[..., None] if keys.ndim == 4 else jnp.any(mask, 1)[..., None], keys, 0.0)
-        eq = "bthk,bsk->bths" if keys.ndim == 3 else "bthk,btjk->bthj"
-        s = jnp.einsum(eq, q, keys.astype(q.dtype), preferred_element_type=F32) * scale
-        logits.append(jnp.where(mask[:, :, None, :], s, -jnp.inf))
-        values.append(keys)
-    sink_col = jnp.broadcast_to(sink.astype(F32)[None, None, :, None], (b, t, h, 1))
-    probs = jax.nn.softmax(jnp.concatenate(logits + [sink_col], axis=-1), axis=-1)
-    out = jnp.zeros((b, t, h, k), F32)
-    at = 0
-    for v in values:
-        n = v.shape[-2]
-        eq = "bths,bsk->bthk" if v.ndim == 3 else "bthj,btjk->bthk"
-        out = out + jnp.einsum(eq, probs[..., at : at + n], v, preferred_element_type=F32)
-        at += n
-    return jnp.where(live[:, :, None, None], out, 0.0).astype(q.dtype)
+    hca = pool is not None and topk is None
+
+    def attend(q_t, tok, topk_t):
+        """Rows ``tok`` i32[Tq] of the chunk (queries ``q_t`` [B,Tq,H,K]) -> f32[B,Tq,H,K]."""
+        tq = tok.shape[0]
+        pos = start[:, None] + tok[None, :]  # i32[B,Tq]
+        live = tok[None, :] < q_lens[:, None]  # bool[B,Tq]
+        ring_mask = (p_ring[:, None, :] >= first[:, None, None]) & (
+            p_ring[:, None, :] > pos[:, :, None] - window
+        )
+        d = tok[:, None] - jnp.arange(t)[None, :]
+        chunk_mask = jnp.broadcast_to((d >= 0) & (d < window), (b, tq, t))
+        segments = [(ring_keys, ring_mask), (kv.astype(F32), chunk_mask)]  # shared keys [B,S,K]
+        if topk_t is not None:
+            cap = block_table.shape[1] * pool.shape[1]  # entries the block table can address
+            rows = gather_entries(pool, block_table, topk_t)  # [B,Tq,k,K]
+            segments.append((rows, (topk_t >= 0) & (topk_t < cap)))
+        logits, values = [], []
+        for keys, mask in segments:
+            mask = mask & live[:, :, None]
+            keys = jnp.where(mask[..., None] if keys.ndim == 4 else jnp.any(mask, 1)[..., None], keys, 0.0)
+            eq = "bthk,bsk->bths" if keys.ndim == 3 else "bthk,btjk->bthj"
+            s = jnp.einsum(eq, q_t, keys.astype(q.dtype), preferred_element_type=F32) * scale
+            logits.append(jnp.where(mask[:, :, None, :], s, -jnp.inf))
+            values.append(keys)
+        sink_col = jnp.broadcast_to(sink.astype(F32)[None, None, :, None], (b, tq, h, 1))
+        s_all = jnp.concatenate(logits + [sink_col], axis=-1)  # f32[B,Tq,H,S]
+        m = jnp.max(s_all, axis=-1)  # f32[B,Tq,H], finite: the sink is always there
+        p = jnp.exp(s_all - m[..., None])
+        denom = jnp.sum(p, axis=-1)
+        acc = jnp.zeros((b, tq, h, k), F32)
+        at = 0
+        for v in values:
+            n = v.shape[-2]
+            eq = "bths,bsk->bthk" if v.ndim == 3 else "bthj,btjk->bthk"
+            acc = acc + jnp.einsum(eq, p[..., at : at + n], v, preferred_element_type=F32)
+            at += n
+        if hca:  # every visible entry, streamed chunk by chunk with an online softmax (paging)
+            visible = jnp.where(live, (pos + 1) // ratio, 0)  # i32[B,Tq]
+            per_chunk = paging.chunk_blocks(pool.shape[1], block_table.shape[1], b * tq * h)
+            table = paging.padded_table(block_table, per_chunk)
+
+            def body(i, carry):
+                m, denom, acc = carry
+                rows, ent = paging.read_chunk(pool, table, i, per_chunk)
+                mask = ent[None, None, :] < visible[..., None]  # bool[B,Tq,C]
+                vals = jnp.where(
+                    jnp.any(mask, 1)[..., None], kv_format.dequantize_kv(rows), 0.0
+                )  # f32[B,C,K]
+                s = (
+                    jnp.einsum("bthk,bsk->bths", q_t, vals.astype(q.dtype), preferred_element_type=F32)
+                    * scale
+                )
+                s = jnp.where(mask[:, :, None, :], s, -jnp.inf)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                corr = jnp.exp(m - m_new)
+                p = jnp.exp(s - m_new[..., None])
+                acc = acc * corr[..., None] + jnp.einsum(
+                    "bths,bsk->bthk", p, vals, preferred_element_type=F32
+                )
+                return m_new, denom * corr + jnp.sum(p, axis=-1), acc
+
+            n = paging.num_chunks(visible, pool.shape[1], per_chunk)
+            m, denom, acc = jax.lax.fori_loop(0, n, body, (m, denom, acc))
+        return jnp.where(live[:, :, None, None], acc / denom[..., None], 0.0)
+
+    kk = 0 if topk is None else topk.shape[-1]
+    tq = paging.query_tile(t, b * (h * (window + t + kk) + kk * k))  # logits + CSA rows per query
+    if tq == t:
+        return attend(q, jnp.arange(t), topk).astype(q.dtype)
+
+    def tile(i):  # queries [i·tq, (i+1)·tq): the CSA rows a tile gathers stay bounded
+        tok = i * tq + jnp.arange(tq)
+        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * tq, tq, axis=1)
+        return attend(sl(q), tok, None if topk is None else sl(topk))
+
+    out = jax.lax.map(tile, jnp.arange(t // tq))  # f32[T/tq, B, tq, H, K]
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, h, k).astype(q.dtype)

@@ -2,10 +2,12 @@
 
 Every engine run is compared with each request generated alone, greedily, by the state path
 of the model (``state_utils.run``: one prefill, then one decode step at a time, in a fresh
-state): the issue's correctness criteria. Each test runs in two numerics modes (``MODES``):
-float32 compute with bf16 rows and no QAT rounding (the HF port's math), and what ``LLM(dir)``
-serves a V4 checkpoint with: bf16 compute, the reference's QAT rounding, FP8 rows and FP4
-indexer keys. With QAT the stored rows are exactly the rows the model computed (no storage
+state): the issue's correctness criteria. Each test runs in up to three modes (``MODES``):
+``f32``, float32 compute with bf16 rows and no QAT rounding (the HF port's math); ``default``,
+the numerics an accelerator serves a V4 checkpoint with (bf16 compute, the reference's QAT
+rounding, FP8 rows and FP4 indexer keys); ``pallas``, the ``f32`` math with the weights held
+packed (MXFP4 experts through the grouped-matmul kernel) and every Pallas kernel in interpret
+mode, compared with the *reference* path's request alone. With QAT the stored rows are exactly the rows the model computed (no storage
 drift on a prefix hit, tests/test_decode_state.py checks the rows), so cold runs, prefix hits,
 chunked prefill and preemption give the request's tokens alone.
 
@@ -15,7 +17,7 @@ and matmuls sum in an order that depends on the program's shapes (a 128-token ch
 In float32 that stays below 1e-5 on the logits. In bf16 with QAT a last-bit difference can
 cross a bf16 or FP8 rounding boundary and grow to ~0.1 logit (docs/PERF.md "Same tokens on
 every path"), so there a request may take the other token where the alone run's top two are
-within ``NEAR_TIE``; before that step every token must be equal.
+within the mode's ``near_tie``; before that step every token must be equal.
 
 Demo model: 3 layers, window 128, so a recompute replay is 384 tokens; blocks of 128 tokens.
 One runner is built once and shared: each test puts a fresh ``LLMEngine`` on it, optionally
@@ -26,6 +28,7 @@ engine only reads blocks and snapshots it wrote itself.
 import dataclasses
 import functools
 import random
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -41,24 +44,41 @@ from dsv4_jax.model.transformer import ModelOptions
 
 DEMO = "checkpoints/demo"
 BT = 128
-# mode: (compute dtype, KV format, QAT rounding in the forward)
-MODES = {"f32": (jnp.float32, "bf16", False), "default": (jnp.bfloat16, "fp8-fp4", True)}
-BOTH = pytest.mark.parametrize("mode", sorted(MODES))
-# The default mode of the costlier scenarios runs in `make test-slow` (CI time; the f32 mode and
-# the default mode of the mixed-batch and LLM-API scenarios stay in `make test`).
-F32_FAST = pytest.mark.parametrize("mode", ["f32", pytest.param("default", marks=pytest.mark.slow)])
-NEAR_TIE = 0.25  # logits: cross-shape drift measured up to 0.17 on the demo in the default mode
+
+
+class Mode(NamedTuple):
+    dtype: object  # compute dtype
+    fmt: str  # KV format
+    qat: bool  # QAT rounding in the forward
+    kernels: str = "reference"
+    storage: str = "dequantized"  # load_checkpoint's: "packed" keeps FP8 / MXFP4 bytes
+    near_tie: float = 0.0  # logits: where the request may take the other token (0: exact)
+
+
+MODES = {
+    "f32": Mode(jnp.float32, "bf16", False),
+    # cross-shape drift measured up to 0.17 logit on the demo in the default mode
+    "default": Mode(jnp.bfloat16, "fp8-fp4", True, near_tie=0.25),
+    # MXFP4 kernel vs dequantized f32 weights, online vs dense softmax: last-bit sums
+    "pallas": Mode(jnp.float32, "bf16", False, "pallas", "packed", near_tie=1e-3),
+}
+SLOW = pytest.mark.slow
+
+
+def modes(*fast):
+    """Every mode; those not in ``fast`` run in `make test-slow` (CI time)."""
+    return pytest.mark.parametrize("mode", [m if m in fast else pytest.param(m, marks=SLOW) for m in MODES])
 
 
 @functools.cache
-def demo(dtype=jnp.float32):
-    return load_checkpoint(DEMO, dtype)
+def demo(dtype=jnp.float32, storage="dequantized"):
+    return load_checkpoint(DEMO, dtype, storage=storage)
 
 
 @functools.cache
 def shared_runner(mode):
-    dtype, fmt, qat = MODES[mode]
-    cfg, params = demo(dtype)
+    dtype, fmt, qat, kernels, storage, _ = MODES[mode]
+    cfg, params = demo(dtype, storage)
     return JaxModelRunner(
         cfg,
         params,
@@ -72,7 +92,7 @@ def shared_runner(mode):
         kv_format=fmt,
         eos_token_id=cfg.eos_token_id,
         dtype=dtype,
-        opts=ModelOptions(sim_quant=qat),
+        opts=ModelOptions(sim_quant=qat, kernels=kernels),
     )
 
 
@@ -104,8 +124,9 @@ def engine(mode, strategy="recompute", cache=True, **limits):
 @functools.cache
 def alone(mode: str, prompt: tuple, n: int) -> tuple[list[int], list[float]]:
     """Greedy tokens of ``prompt`` generated alone on the state path (no engine, no runner), and
-    the gap between the top two logits at each step."""
-    dtype, fmt, qat = MODES[mode]
+    the gap between the top two logits at each step. Always the reference path (jnp, weights
+    dequantized): the ``pallas`` mode is checked against it."""
+    dtype, fmt, qat = MODES[mode][:3]
     cfg, params = demo(dtype)
     cc = kvc.CacheConfig(
         num_slots=1,
@@ -131,16 +152,16 @@ def alone(mode: str, prompt: tuple, n: int) -> tuple[list[int], list[float]]:
 
 
 def check_alone(mode: str, got: list[int], prompt, n: int) -> None:
-    """``got`` is ``prompt``'s greedy continuation alone: exactly in float32; in bf16 with QAT up
-    to the first step where the alone run's top two logits are within ``NEAR_TIE``."""
+    """``got`` is ``prompt``'s greedy continuation alone: exactly in ``f32``; otherwise up to the
+    first step where the alone run's top two logits are within the mode's ``near_tie``."""
     want, gaps = alone(mode, tuple(prompt), n)
     assert len(got) == len(want) == n
-    if mode == "f32":
+    if not MODES[mode].near_tie:
         assert got == want
         return
     for i, (g, w) in enumerate(zip(got, want)):
         if g != w:
-            assert gaps[i] < NEAR_TIE, (
+            assert gaps[i] < MODES[mode].near_tie, (
                 f"step {i}: got {g}, alone {w}; alone's top-2 gap {gaps[i]:.3f} is no near-tie"
             )
             return
@@ -167,7 +188,7 @@ def drive(e, arrivals):
     return {p: e.get_request(r).output_token_ids for p, (r, n) in rids.items()}
 
 
-@BOTH
+@modes("f32")
 def test_mixed_lengths_arriving_at_different_steps_equal_each_request_alone(mode):
     arrivals = {0: [(toks(7, 1), 20), (toks(150, 2), 8)], 2: [(toks(300, 3), 10)], 5: [(toks(40, 4), 25)]}
     used = shared_runner(mode).ahead.used
@@ -180,7 +201,7 @@ def test_mixed_lengths_arriving_at_different_steps_equal_each_request_alone(mode
     assert shared_runner(mode).ahead.used - used > 20
 
 
-@F32_FAST
+@modes("f32")
 @pytest.mark.parametrize("strategy", ["full", "checkpoint", "recompute"])
 def test_prefix_hits_equal_the_cold_run(mode, strategy):
     a = toks(700, 10)
@@ -195,7 +216,7 @@ def test_prefix_hits_equal_the_cold_run(mode, strategy):
     assert e.block_manager.leaks() == []
 
 
-@F32_FAST
+@modes("f32", "pallas")
 def test_snapshots_saved_by_decodes_under_the_lookahead_serve_a_later_hit(mode):
     # `full` saves a snapshot at every block end, here at position 255, reached while decoding
     # (a decode the lookahead computed); a later prompt extending those outputs restores it.
@@ -210,7 +231,7 @@ def test_snapshots_saved_by_decodes_under_the_lookahead_serve_a_later_hit(mode):
     assert e.block_manager.leaks() == []
 
 
-@F32_FAST
+@modes("f32")
 def test_preemption_and_resumption_do_not_change_outputs(mode):
     ps = [toks(n, 20 + n) for n in (200, 230, 180)]
     e = engine(mode, "recompute", num_blocks=7, max_tokens_per_step=128)
@@ -221,9 +242,9 @@ def test_preemption_and_resumption_do_not_change_outputs(mode):
     assert e.block_manager.leaks() == []
 
 
-@BOTH
+@modes("f32")
 def test_llm_api_on_the_demo_checkpoint_streams_what_it_generates(mode):
-    dtype, fmt, qat = MODES[mode]
+    dtype, fmt, qat, kernels, storage, _ = MODES[mode]
     llm = LLM(
         DEMO,
         profile="chat",
@@ -232,10 +253,13 @@ def test_llm_api_on_the_demo_checkpoint_streams_what_it_generates(mode):
         num_snapshots=8,
         max_model_len=1024,
         max_tokens_per_step=256,
+        weights="packed" if storage == "packed" else "auto",
+        kernels=kernels,
         dtype=jnp.dtype(dtype).name,
         kv_format=fmt,
         qat=qat,
     )
+    assert (llm.held.weights == "packed") == (storage == "packed") and llm.held.kernels == kernels
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     outs = llm.generate(["Hello world", [0, 41, 609, 296]], sp)
     assert [len(o.token_ids) for o in outs] == [12, 12]

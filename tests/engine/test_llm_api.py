@@ -2,6 +2,7 @@
 endpoint profiles, and the host-only rule for engine modules."""
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import types
@@ -21,7 +22,7 @@ import dsv4_jax
 from dsv4_jax import LLM, Output, SamplingParams
 from dsv4_jax.engine import PROFILES, RequestOutput, RequestRefused, make_config
 from dsv4_jax.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from dsv4_jax.engine.profiles import add_cli_args, config_from_args, plan_pools
+from dsv4_jax.engine.profiles import add_cli_args, config_from_args, kv_budget, plan_pools
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEMO = ROOT / "checkpoints" / "demo"
@@ -299,7 +300,8 @@ def test_pool_sizing_from_bytes():
     ec = make_config("balanced", max_model_len=8192, num_slots=4, num_snapshots=8, kv_cache_bytes=10_000_000)
     plan = plan_pools(ec, bytes_per_token=130.0, bytes_per_slot=100_000, max_position_embeddings=65536)
     assert plan.bytes_per_block == 130 * 256 and plan.max_blocks_per_seq == 32 and plan.max_model_len == 8192
-    assert plan.num_blocks == (10_000_000 - 12 * 100_000) // (130 * 256)
+    # the budget holds 264 blocks; 4 slots at 8192 tokens can use 128 of them
+    assert (10_000_000 - 12 * 100_000) // (130 * 256) == 264 and plan.num_blocks == 4 * 32
     assert plan.total_bytes <= 10_000_000
     with pytest.raises(ValueError, match="leaves .* blocks .* needs 32 blocks"):
         plan_pools(
@@ -307,6 +309,29 @@ def test_pool_sizing_from_bytes():
         )
     capped = plan_pools(make_config("long-context"), 130.0, 100_000, max_position_embeddings=65536)
     assert capped.max_model_len == 65536 and capped.num_snapshots == 0 and capped.num_blocks == 16 * 256
+
+
+def test_default_pools_are_sized_from_memory_not_from_slots_times_context():
+    ec = make_config("long-context")  # 16 slots, no snapshots, max_model_len = the checkpoint's
+    gib = 1 << 30
+    # CPU: a stated host budget, min(4 GiB, RAM / 8)
+    assert kv_budget(ec, "cpu", host_total=16 * gib)[0] == 2 * gib
+    assert kv_budget(ec, "cpu", host_total=512 * gib)[0] == 4 * gib
+    # accelerators: 90 % of the device, less what the weights use and the temporaries' reserve
+    gpu, why = kv_budget(ec, "gpu", device_limit=100 * gib, device_used=30 * gib)
+    assert gpu == 90 * gib - 30 * gib - 2 * gib and "90%" in why
+    assert kv_budget(dataclasses.replace(ec, kv_cache_bytes=123), "gpu")[0] == 123
+    # a 1M-token checkpoint: 16 slots x 1M tokens x 500 B would be 8 GB; the budget holds 2 GiB
+    plan = plan_pools(ec, 500.0, 1_000_000, 1 << 20, budget=(2 * gib, "host"))
+    assert plan.max_model_len == 1 << 20 and plan.num_blocks == (2 * gib - 16 * 1_000_000) // (500 * 256)
+    assert plan.total_bytes <= 2 * gib and "host" in plan.budget
+    # never more blocks than every slot at max_model_len
+    small = plan_pools(
+        make_config("long-context", max_model_len=4096), 500.0, 1000, 1 << 20, budget=(2 * gib, "h")
+    )
+    assert small.num_blocks == 16 * 16
+    with pytest.raises(ValueError, match=r"KV budget of .* \(host\) leaves"):
+        plan_pools(ec, 500.0, 1_000_000, 1 << 20, budget=(gib // 4, "host"))
 
 
 def test_public_names():

@@ -150,6 +150,7 @@ def _drive(runner, schedule, prompts, saves):
     return got
 
 
+@pytest.mark.slow  # CI time: make test-slow
 def test_runner_with_lookahead_samples_what_it_samples_without():
     cfg, _ = demo()
     rng = np.random.RandomState(4)

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dsv4_jax.checkpoint import load_checkpoint
 from dsv4_jax.engine.runner.model_runner import JaxModelRunner
@@ -165,6 +166,7 @@ def test_snapshot_restore_resumes_a_shared_prefix_exactly():
     assert out[1].token == greedy_reference(b, 1)[0]
 
 
+@pytest.mark.slow  # CI time: make test-slow
 def test_seeded_sampling_is_reproducible_across_batches():
     cfg, _ = demo()
     rng = np.random.RandomState(2)

@@ -91,3 +91,14 @@ def test_moe_experts_lowers(n, e, d, f):
 
     args = (S((n, d), jnp.bfloat16), _i32(n, 6), S((n, 6), jnp.float32), w(f, d), w(d, f), w(f, d))
     _assert_triton(_lower(lambda *a: moe_experts(*a, limit=10.0, interpret=False), *args), calls=2)
+
+
+def test_indexer_topk_lowers_at_one_million_tokens():
+    """1M tokens at blocks of 256 (4,096 blocks of 64 CSA entries): the kernel runs in a loop
+    over groups of splits (one launch in the loop body), not one launch of 64 splits."""
+    b, h, d = 64, 64, 128
+    keys = kv_format.Fp4IndexerKeys(S((4096, 64, d // 2), jnp.uint8), S((4096, 64, d // 32), jnp.uint8))
+    args = (S((b, 1, h, d), jnp.bfloat16), S((b, 1, h), jnp.float32), keys, _i32(b, 4096), _i32(b), _i32(b))
+    text = _lower(lambda *a: indexer_topk(*a, ratio=4, topk=512, interpret=False), *args)
+    _assert_triton(text)
+    assert "stablehlo.while" in text

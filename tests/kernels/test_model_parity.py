@@ -20,7 +20,7 @@ from dsv4_jax.config import preset
 from dsv4_jax.model import attention, indexer, moe, ops
 from pallas_kernels import kv_format, mxfp4
 from pallas_kernels.indexer_topk.kernel import indexer_topk
-from pallas_kernels.indexer_topk.reference import indexer_topk_reference, paged_keys
+from pallas_kernels.indexer_topk.reference import indexer_topk_reference
 from pallas_kernels.mxfp4_matmul.kernel import moe_experts
 from pallas_kernels.mxfp4_matmul.reference import moe_experts_reference
 from pallas_kernels.sparse_attention.kernel import sparse_attention
@@ -85,7 +85,10 @@ def test_indexer_reference_is_the_model_indexer(fmt):
     c = indexer_case(23, fmt=fmt, dtype=jnp.float32, starts=[2, 30, 97], q_lens=[2, 2, 2], T=2, max_blocks=4)
     topk = 6
     t = c.q.shape[1]
-    keys = paged_keys(c.keys, c.block_table)  # every slot in entry order; unused slots NaN
+    e = c.keys.shape[1]
+    ent = jnp.arange(c.block_table.shape[1] * e)
+    rows = kv_format.read_rows(c.keys, (c.block_table[:, ent // e], ent % e))
+    keys = kv_format.dequantize_indexer_keys(rows)  # every slot in entry order; unused slots NaN
     keys = jnp.where(jnp.isnan(keys), 0.0, keys)  # masked by select_topk anyway; keep the model finite
     positions = c.start[:, None] + jnp.arange(t)[None, :]
     model_idx = indexer.select_topk(indexer.index_scores(c.q, c.w, keys), positions, c.ratio, topk)

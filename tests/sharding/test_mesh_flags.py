@@ -21,6 +21,9 @@ def test_mesh_flag_builds_the_three_axes():
     assert m.axis_names == ("data", "expert", "tensor") and tuple(m.shape.values()) == (2, 4, 1)
     assert all(t == jax.sharding.AxisType.Auto for t in m.axis_types)
     assert parse_mesh_spec("tensor=8") == {"data": 1, "expert": 1, "tensor": 8}
+    auto = parse_mesh("auto")  # every device on the expert axis
+    assert tuple(auto.shape.values()) == (1, 8, 1) and auto.devices.size == jax.device_count()
+    assert tuple(parse_mesh("auto", jax.devices()[:2]).shape.values()) == (1, 2, 1)
 
 
 @pytest.mark.parametrize(

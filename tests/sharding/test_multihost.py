@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 TIMEOUT_S = 240
 
@@ -25,6 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # CI time: make test-slow
 def test_two_process_forward_matches_one_process(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))

@@ -63,6 +63,7 @@ def on_mesh():
     return llm, run(llm)
 
 
+@pytest.mark.slow  # CI time: make test-slow
 def test_demo_on_eight_devices_equals_one_device(on_mesh):
     from dsv4_jax import launch
 

@@ -142,6 +142,7 @@ def _demo_steps(lay, kernels):
     return np.asarray(first)[[1, 5], 0], np.asarray(second)[[1, 5], 0]
 
 
+@pytest.mark.slow  # CI time: make test-slow
 def test_pallas_kernels_inside_the_sharded_regions():
     """``kernels="pallas"`` on a mesh: the sparse-attention and indexer kernels read each shard's
     own pools, the MXFP4 kernel multiplies each shard's packed experts; prefill and decode equal

@@ -179,6 +179,7 @@ def test_retrieval_hint_rewards_attention_on_the_needles_entries():
     assert float(L.retrieval_hint(_hint_tap(5), pos, jnp.asarray(early), jnp.asarray(source))) == 0.0
 
 
+@pytest.mark.slow  # CI time: make test-slow
 def test_retrieval_hint_trains_the_main_attention_not_the_indexer(tiny):
     cfg, params = tiny
     trainable, frozen = L.split(params)

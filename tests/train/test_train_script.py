@@ -8,11 +8,13 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dsv4_jax.checkpoint import load_checkpoint
 from dsv4_jax.train import demo as td
 
 
+@pytest.mark.slow  # CI time: make test-slow
 def test_tiny_run_logs_trains_and_exports(tmp_path):
     out, log, state = tmp_path / "ckpt", tmp_path / "log.jsonl", tmp_path / "state.npz"
     assert td.main(["--tiny", "--out", str(out), "--log", str(log), "--state", str(state)]) == 0
