@@ -134,9 +134,9 @@ def build_llm(args: argparse.Namespace):
             shards = Layout.create(kw["mesh"], DEFAULT_RULES).num_seq_shards
     setup_compile_cache(getattr(args, "compile_cache", None))
     if _is_demo(args.checkpoint) and config.num_blocks is None and config.kv_cache_bytes is None:
-        # The profiles size the pool for every slot at full context (16K blocks for the demo);
-        # a step's cost grows with the pool (docs/PERF.md), so the demo gets one full-context
-        # sequence's worth (per sequence shard on a mesh), which still holds many short ones.
+        # Memory-sized pools would give the 3-layer demo up to every slot at full context (16K
+        # blocks, hundreds of MB on a laptop); it gets one full-context sequence's worth (per
+        # sequence shard on a mesh), which still holds many short ones.
         max_len = min(config.max_model_len or DEMO_MAX_POSITIONS, DEMO_MAX_POSITIONS)
         kw["num_blocks"] = cdiv(max_len, config.block_tokens) * shards
         logging.info(
