@@ -157,6 +157,7 @@ def sparse_attention_reference(
     b, t, h, k = q.shape
     window = ring.shape[1]
     ring_keys = kv_format.dequantize_kv(kv_format.read_rows(ring, ring_slot))  # f32[B,W,K]
+    chunk_keys = kv.astype(F32)  # f32[B,T,K], shared by every query tile
     p_ring = ring_positions(start, window)  # [B,W]
     scale = k**-0.5
     hca = pool is not None and topk is None
@@ -171,7 +172,7 @@ def sparse_attention_reference(
         )
         d = tok[:, None] - jnp.arange(t)[None, :]
         chunk_mask = jnp.broadcast_to((d >= 0) & (d < window), (b, tq, t))
-        segments = [(ring_keys, ring_mask), (kv.astype(F32), chunk_mask)]  # shared keys [B,S,K]
+        segments = [(ring_keys, ring_mask), (chunk_keys, chunk_mask)]  # shared keys [B,S,K]
         if topk_t is not None:
             cap = block_table.shape[1] * pool.shape[1]  # entries the block table can address
             rows = gather_entries(pool, block_table, topk_t)  # [B,Tq,k,K]
