@@ -3,7 +3,9 @@ the persistent compile cache, warm-up and the profiler flags.
 
 Warm-up: a jitted step compiles once per shape bucket (``JaxModelRunner``: decode batches
 and prefill (batch, tokens) buckets, powers of two). On a GPU that is seconds per shape; on
-this project's 2-core CPU machines ~10 s for the demo model. ``warm_up`` runs throw-away
+this project's 2-core CPU machines ~10 s for the demo model. On accelerators ``warm_up``
+compiles every shape the profile can emit (``LLM.precompile``) before the port opens. On CPU
+it runs throw-away
 requests through the engine itself (so it works with any runner) that touch the prefill
 buckets 8, 16, … up to ``max_prefill`` at batch 1, and batches 2, 4, … up to ``max_batch``
 of short prompts with one decode step each. Shapes outside that set compile on first use.
@@ -153,10 +155,8 @@ def build_llm(args: argparse.Namespace):
         allow_lossy_kv=getattr(args, "allow_lossy_kv", False),
         **kw,
     )
-    p = llm.pools
     logging.info(
-        "loaded %s in %.1f s: profile %s, %s, QAT %s, KV %s, max_model_len %d, %d slots, %d blocks of "
-        "%d tokens, %d snapshots, state %.1f MiB",
+        "loaded %s in %.1f s: profile %s, %s, QAT %s, KV %s, max_model_len %d; %s",
         args.checkpoint,
         time.monotonic() - t0,
         args.profile or "balanced",
@@ -164,11 +164,7 @@ def build_llm(args: argparse.Namespace):
         "on" if llm.qat else "off",
         llm.engine.config.kv_format,
         llm.engine.max_model_len,
-        p.num_slots,
-        p.num_blocks,
-        config.block_tokens,
-        p.num_snapshots,
-        p.total_bytes / 2**20,
+        llm.memory.describe(),
     )
     return llm
 
@@ -192,8 +188,24 @@ def per_kind_bytes(llm) -> dict[str, float] | None:
     return dict(kv_bytes(llm.model_config, KVFormat.parse(llm.engine.config.kv_format)).per_kind)
 
 
-def warm_up(engine, max_batch: int = 1, max_prefill: int = 64, seed: int = 0) -> float:
-    """Compile the common step shapes before serving; returns the seconds it took."""
+def warm_up(llm, shapes: str = "auto", max_batch: int = 1, max_prefill: int = 64, seed: int = 0) -> float:
+    """Compile step shapes before serving; returns the seconds it took. ``shapes="all"`` (the
+    default on accelerators): every shape the profile can emit (``LLM.precompile``), and the
+    memory plan's temporaries measured; ``"common"`` (default on CPU, where a compile of the
+    demo takes seconds): the throw-away requests of the module docstring."""
+    import jax
+
+    every = shapes == "all" or (shapes == "auto" and jax.default_backend() != "cpu")
+    if every and getattr(llm, "memory", None) is not None:  # an LLM over a real runner
+        out = llm.precompile()
+        logging.info(
+            "compiled %d step shapes in %.1f s; %s",
+            out["compiled"],
+            out["seconds"],
+            llm.memory.describe(),
+        )
+        return out["seconds"]
+    engine = llm.engine
     lim, rng, t0 = engine.limits, random.Random(seed), time.monotonic()
     sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     budget = lim.max_tokens_per_step

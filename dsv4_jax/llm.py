@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 
 from dsv4_jax.engine.llm_engine import LLMEngine
 from dsv4_jax.engine.output import RequestOutput, TokenLogprobs
-from dsv4_jax.engine.profiles import PoolPlan, kv_budget, make_config, plan_pools, resolve_kv_format
+from dsv4_jax.engine.profiles import PoolPlan, make_config, resolve_kv_format
 from dsv4_jax.engine.request import RequestMetrics
 from dsv4_jax.engine.sampling_params import SamplingParams
 
@@ -56,21 +56,16 @@ class Output:
 StreamOutput = RequestOutput
 
 
-def _kv_budget(config, shards: int) -> tuple[int, str]:
-    """``profiles.kv_budget`` for this process's backend, measured after the weights are
-    placed: host memory on CPU, the first local device's memory stats on accelerators (each
-    sequence shard holds its part of the pools, so the budget scales with the shards)."""
+def _device_memory() -> tuple[str, int, int | None]:
+    """``(backend, bytes, in use)`` for the memory plan, measured after the weights are
+    placed: host memory on CPU; the first local device's limit and use on accelerators."""
     import jax
 
     backend = jax.default_backend()
     if backend == "cpu":
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return kv_budget(config, backend, host_total=total)
+        return backend, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), None
     stats = jax.local_devices()[0].memory_stats() or {}
-    b, why = kv_budget(
-        config, backend, device_limit=stats.get("bytes_limit", 0), device_used=stats.get("bytes_in_use", 0)
-    )
-    return b * shards, why
+    return backend, stats.get("bytes_limit", 0), stats.get("bytes_in_use", 0)
 
 
 def _is_token_list(p) -> bool:
@@ -112,19 +107,17 @@ class LLM:
         import jax  # the device side; the engine itself stays host-only
         import jax.numpy as jnp
 
-        from dsv4_jax import held
+        from dsv4_jax import held, memory
         from dsv4_jax.checkpoint import load_checkpoint, load_tokenizer
-        from dsv4_jax.model.accounting import kv_bytes
-        from dsv4_jax.model.state import KVFormat
         from dsv4_jax.model.transformer import ModelOptions
 
         config = make_config(profile, swa_strategy, **engine_args)
         self.held = held.resolve(weights, kernels, dtype, backend=jax.default_backend())
-        shards = 1
+        layout = None
         if mesh is not None:  # params restored straight into their shards; pools split per sequence shard
             from dsv4_jax.parallel.rules import DEFAULT_RULES, Layout
 
-            shards = Layout.create(mesh, DEFAULT_RULES).num_seq_shards
+            layout = Layout.create(mesh, DEFAULT_RULES)
         cfg, params = load_checkpoint(
             checkpoint_dir, getattr(jnp, self.held.dtype), storage=self.held.storage, mesh=mesh
         )
@@ -138,15 +131,11 @@ class LLM:
                 raise ValueError(
                     f"block_tokens={config.block_tokens} must be a multiple of compress ratio {r}"
                 )
-        acc = kv_bytes(cfg, KVFormat.parse(config.kv_format))
-        pools = plan_pools(
-            config,
-            acc.bytes_per_token,
-            acc.fixed_bytes_per_seq,
-            cfg.max_position_embeddings,
-            shards,
-            budget=_kv_budget(config, shards),
+        backend, device_bytes, in_use = _device_memory()
+        self.memory = memory.plan(
+            cfg, config, params, layout=layout, backend=backend, device_bytes=device_bytes, device_used=in_use
         )
+        pools = self.memory.pools
 
         from dsv4_jax.engine.runner.model_runner import JaxModelRunner
 
@@ -170,11 +159,33 @@ class LLM:
         self.pools: PoolPlan | None = pools
         self._init(LLMEngine(runner, config, tokenizer, max_model_len=pools.max_model_len))
 
+    def precompile(self, logprobs: bool = True) -> dict:
+        """Compile every step shape the engine can emit under its profile
+        (``JaxModelRunner.step_shapes``) before serving, and put the compiled steps' largest
+        temporaries into ``memory`` in place of the reserve. On an accelerator where they exceed
+        the reserve the pools were planned too large: the log says by how much and which knob
+        to turn (the persistent compile cache makes the next start quick)."""
+        from absl import logging
+
+        out = self.engine.runner.precompile(logprobs=logprobs)
+        m = self.memory
+        self.memory = dataclasses.replace(
+            m, temps=out["temp_bytes"], temps_source=f"memory_analysis of {out['compiled']} compiled steps"
+        )
+        if m.device_bytes and self.memory.temps > m.temps and m.temps_source.startswith("reserve"):
+            logging.warning(
+                "the compiled steps need %.2f GiB of temporaries, %.2f GiB more than the pools were planned "
+                "around; lower --gpu-memory-utilization or --kv-cache-bytes, or --max-tokens-per-step",
+                self.memory.temps / 2**30,
+                (self.memory.temps - m.temps) / 2**30,
+            )
+        return out
+
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> LLM:
         """An ``LLM`` over an existing engine (any runner)."""
         llm = cls.__new__(cls)
-        llm.model_config, llm.pools, llm.qat, llm.held = None, None, None, None
+        llm.model_config, llm.pools, llm.qat, llm.held, llm.memory = None, None, None, None, None
         llm._init(engine)
         return llm
 

@@ -9,7 +9,10 @@ Everything is derived from the config and the code that places arrays, never typ
 * KV: ``kv_accounting.kv_bytes`` per storage format, plus the per-slot penalty tables the
   runner keeps; a sequence's state lives on one sequence shard and is replicated over the
   mesh axes that do not split sequences;
-* capacity: ``mem_fraction × HBM − weights`` per device, filled with KV.
+* capacity: ``mem_fraction × HBM − weights`` per device, filled with KV;
+* per profile (``serving_plans``): ``dsv4_jax.memory.plan``, the function the server sizes its
+  pools with, on an abstract 8-device mesh with the default rules: weights held packed, pool
+  blocks, slots, penalty tables and snapshots, the step temporaries' reserve.
 
     python scripts/memory_plan.py                  # tables
     python scripts/memory_plan.py --json           # the same numbers as JSON
@@ -27,11 +30,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType
 
-from dsv4_jax.checkpoint import layout as ckpt_layout
-from dsv4_jax.checkpoint import placement
+from dsv4_jax import held, memory
 from dsv4_jax.config import Config, preset
+from dsv4_jax.engine.profiles import PROFILES, PoolsDoNotFit, make_config
 from dsv4_jax.model.accounting import kv_bytes, main_row_bytes
-from dsv4_jax.model.params import ArrayInfo, count_params, from_native, param_infos
+from dsv4_jax.model.params import count_params, from_native
 from dsv4_jax.model.state import KVFormat
 from dsv4_jax.parallel.rules import DEFAULT_RULES, Layout
 from dsv4_jax.quant import QuantizedWeight
@@ -92,32 +95,6 @@ PUBLISHED = [
         "Pro HGX B200 (Together): KV ~1.2M → ~3.7M tokens per node (SERVING §2.2)",
     ),
 ]
-
-
-def abstract_checkpoint(cfg: Config) -> dict:
-    """The param tree as the published checkpoint stores it: ``QuantizedWeight`` of uint8
-    bytes + UE8M0 scales for FP8/MXFP4 leaves, BF16/F32 arrays for the rest (shapes only)."""
-    infos = param_infos(cfg, jnp.bfloat16, include_mtp=True)
-    flat, treedef = jax.tree.flatten(infos, is_leaf=lambda x: isinstance(x, ArrayInfo))
-    names = treedef.flatten_up_to(placement.leaf_names(infos))
-    leaves = []
-    for spec in ckpt_layout.leaf_specs(names, flat, cfg):
-        if spec.quantized:
-            lead = spec.info.shape[:1] if spec.stacked else ()
-            leaves.append(
-                QuantizedWeight(
-                    jax.ShapeDtypeStruct(lead + spec.data_shape(), jnp.uint8),
-                    jax.ShapeDtypeStruct(lead + spec.scale_shape(), jnp.uint8),
-                    spec.fmt,
-                    spec.block,
-                )
-            )
-        elif spec.fmt == "index":
-            leaves.append(jax.ShapeDtypeStruct(spec.info.shape, jnp.int32))
-        else:
-            dt = jnp.float32 if ckpt_layout.native_float_dtype(spec.name) == "F32" else jnp.bfloat16
-            leaves.append(jax.ShapeDtypeStruct(spec.info.shape, dt))
-    return jax.tree.unflatten(treedef, leaves)
 
 
 def _kind(x) -> str:
@@ -211,11 +188,60 @@ def plan(
     return row
 
 
+SERVE_CLUSTERS = [("8×B200", "B200", 8), ("8×H200", "H200", 8)]
+SERVE_CONTEXTS = {"128K": 131072, "1M": 1 << 20}
+
+
+def serving_plans(mem_fraction: float = 0.9) -> list[dict]:
+    """What ``LLM(dir, profile=...)`` plans with ``--mesh auto`` on each 8-GPU node: packed
+    weights (``weights="auto"`` on GPU), the default rules (expert parallelism, sequences
+    split over the devices), QAT's ``fp8-fp4`` KV, ``--max-model-len`` set to the context,
+    ``memory.plan`` with the step temporaries' reserve (the server replaces it by the
+    compiled steps' ``memory_analysis`` when it starts)."""
+
+    rows = []
+    for model in ("flash", "pro"):
+        cfg = preset(model)
+        params = memory.abstract_weights(cfg, held.resolve(backend="gpu"))
+        for cluster, gpu, n in SERVE_CLUSTERS:
+            mesh = AbstractMesh((1, n, 1), ("data", "expert", "tensor"), axis_types=(AxisType.Auto,) * 3)
+            lay = Layout.create(mesh, DEFAULT_RULES)
+            for profile in PROFILES:
+                for ctx, length in SERVE_CONTEXTS.items():
+                    ec = make_config(
+                        profile,
+                        max_model_len=length,
+                        kv_format="fp8-fp4",
+                        gpu_memory_utilization=mem_fraction,
+                    )
+                    row = {"model": model, "cluster": cluster, "profile": profile, "context": ctx}
+                    try:
+                        p = memory.plan(
+                            cfg, ec, params, layout=lay, backend="gpu", device_bytes=int(GPUS[gpu])
+                        )
+                    except PoolsDoNotFit as e:
+                        row.update(
+                            fits=False,
+                            why="no KV budget left after the weights and the reserve"
+                            if e.budget <= 0
+                            else "the KV budget holds less than one sequence at this context",
+                        )
+                    else:
+                        row.update(
+                            fits=True,
+                            plan=p.as_dict(),
+                            seqs=p.pools.seqs_at(length),
+                            seqs_budget_holds=p.seqs_budget_holds(length),
+                        )
+                    rows.append(row)
+    return rows
+
+
 def build(mem_fraction: float = 0.9, block_tokens: int = 256) -> dict:
     models, plans = {}, []
     for model in ("flash", "pro"):
         cfg = preset(model)
-        tree = abstract_checkpoint(cfg)
+        tree = memory.abstract_native(cfg)
         w = weight_bytes(tree)
         models[model] = {"weights": {**w, "total": sum(w.values())}, "params": count_params(cfg)}
         for cluster, gpu, n in CLUSTERS:
@@ -232,6 +258,7 @@ def build(mem_fraction: float = 0.9, block_tokens: int = 256) -> dict:
         "models": models,
         "plans": plans,
         "published": compare(models, plans),
+        "serving": serving_plans(mem_fraction),
     }
 
 
@@ -290,6 +317,21 @@ def markdown(d: dict) -> str:
                 + " | ".join(_n(k["seqs"][c]) for c in CONTEXTS)
                 + " |"
             )
+    lines += [
+        "",
+        "| model | node | profile | context | weights/GPU GB | KV budget/GPU GB | slots | concurrent seqs | KV budget holds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in d["serving"]:
+        head = f"| {r['model']} | {r['cluster']} | {r['profile']} | {r['context']} |"
+        if not r["fits"]:
+            lines.append(f"{head} | | | | does not fit: {r['why']} | |")
+            continue
+        p = r["plan"]
+        lines.append(
+            f"{head} {p['weights'] / GB:.1f} | {p['budget'] / GB:.1f} | {p['pools']['num_slots']} | "
+            f"{_n(r['seqs'])} | {_n(r['seqs_budget_holds'])} |"
+        )
     lines += [
         "",
         "| published figure | published | ours (128-row SWA ring) | ours if every SWA row were kept |",

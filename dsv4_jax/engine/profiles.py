@@ -162,28 +162,57 @@ TEMP_RESERVE_BYTES = 2 << 30  # accelerators: compiled-step temporaries (docs/PE
 
 
 def kv_budget(
-    ec: EngineConfig, backend: str, *, host_total: int = 0, device_limit: int = 0, device_used: int = 0
+    ec: EngineConfig,
+    backend: str,
+    *,
+    host_total: int = 0,
+    device_limit: int = 0,
+    device_used: int = 0,
+    temps: int = TEMP_RESERVE_BYTES,
 ):
-    """``(bytes, why)``: the KV pools' budget when ``ec.kv_cache_bytes`` does not give one, like
-    vLLM's ``--gpu-memory-utilization``. Accelerators: ``gpu_memory_utilization`` of each
-    device's memory, less what is in use once the weights are loaded and a reserve for the step
-    temporaries (flat in ``max_model_len``: ``bench/step_memory.py``). CPU: a stated host budget,
+    """``(bytes, why)``: one device's KV budget (pools, slots, tables and snapshots) when
+    ``ec.kv_cache_bytes`` does not give one, like vLLM's ``--gpu-memory-utilization``.
+    Accelerators: ``gpu_memory_utilization`` of the device's memory, less what the weights
+    use (``device_used``) and the step temporaries (``temps``: the compiled steps' measured
+    ``memory_analysis``, else ``TEMP_RESERVE_BYTES``; flat in ``max_model_len``:
+    ``bench/step_memory.py``). CPU: a stated host budget for the whole process,
     ``min(HOST_KV_BYTES, host_total / HOST_KV_SHARE)``."""
     if ec.kv_cache_bytes is not None:
         return ec.kv_cache_bytes, "kv_cache_bytes"
     if backend == "cpu":
         b = min(HOST_KV_BYTES, host_total // HOST_KV_SHARE) if host_total else HOST_KV_BYTES
         return b, f"host budget min({HOST_KV_BYTES >> 30} GiB, RAM/{HOST_KV_SHARE})"
-    free = int(ec.gpu_memory_utilization * device_limit) - device_used - TEMP_RESERVE_BYTES
+    free = int(ec.gpu_memory_utilization * device_limit) - device_used - temps
     return max(free, 0), (
-        f"{ec.gpu_memory_utilization:.0%} of device memory after weights and a "
-        f"{TEMP_RESERVE_BYTES >> 30} GiB reserve for step temporaries"
+        f"{ec.gpu_memory_utilization:.0%} of {device_limit / 2**30:.1f} GiB after {device_used / 2**30:.2f} GiB "
+        f"of weights and {temps / 2**30:.2f} GiB of step temporaries"
     )
+
+
+class PoolsDoNotFit(ValueError):
+    """The KV budget cannot hold one sequence at ``max_model_len`` (``budget``: one device's)."""
+
+    def __init__(self, message: str, budget: int):
+        super().__init__(message)
+        self.budget = budget
+
+
+def snapshots_split(num_snapshots: int, shards: int) -> bool:
+    """Whether the snapshot store is split over the sequence shards (it is when it divides
+    evenly; otherwise every device keeps the whole store, and a copy still moves one slot)."""
+    return shards > 1 and num_snapshots % shards == 0
 
 
 @dataclasses.dataclass(frozen=True)
 class PoolPlan:
-    """Pool sizes for the model runner, and their bytes (``budget``: what sized them, if any)."""
+    """Pool sizes for the model runner, and their bytes (``budget``: what sized them, if any).
+
+    What the runner allocates for them (``memory.kv_allocated`` checks it): ``num_blocks``
+    pool blocks, ``num_slots`` slots of windows and tails plus a row of each penalty table,
+    and a snapshot store of ``max(num_snapshots, 1)`` slot copies (one unused entry when the
+    strategy keeps none), split over ``shards`` sequence shards (the store only when it
+    divides evenly).
+    """
 
     num_slots: int
     num_blocks: int
@@ -193,13 +222,41 @@ class PoolPlan:
     bytes_per_block: int
     bytes_per_slot: int
     budget: str = ""
+    table_bytes_per_slot: int = 0
+    shards: int = 1
+    block_tokens: int = 256
+
+    @property
+    def snapshot_entries(self) -> int:
+        return max(self.num_snapshots, 1)
 
     @property
     def total_bytes(self) -> int:
+        """Bytes over all devices that hold a part (a replicated store counted once)."""
         return (
             self.num_blocks * self.bytes_per_block
-            + (self.num_slots + self.num_snapshots) * self.bytes_per_slot
+            + self.num_slots * (self.bytes_per_slot + self.table_bytes_per_slot)
+            + self.snapshot_entries * self.bytes_per_slot
         )
+
+    @property
+    def bytes_per_shard(self) -> int:
+        """Bytes on one device of a sequence shard."""
+        n = self.shards
+        snaps = (
+            self.snapshot_entries // n if snapshots_split(self.snapshot_entries, n) else self.snapshot_entries
+        )
+        return (
+            self.num_blocks // n * self.bytes_per_block
+            + self.num_slots // n * (self.bytes_per_slot + self.table_bytes_per_slot)
+            + snaps * self.bytes_per_slot
+        )
+
+    def seqs_at(self, context: int) -> int:
+        """Sequences of ``context`` tokens the pools and slots hold at once (blocks round up;
+        each shard's blocks serve its own slots)."""
+        need = cdiv(context, self.block_tokens)
+        return self.shards * min(self.num_slots // self.shards, self.num_blocks // self.shards // need)
 
 
 def plan_pools(
@@ -209,44 +266,55 @@ def plan_pools(
     max_position_embeddings: int,
     shards: int = 1,
     budget: tuple[int, str] | None = None,
+    table_bytes_per_slot: int = 0,
 ) -> PoolPlan:
     """Pool sizes for ``ec``. ``bytes_per_token`` / ``bytes_per_slot``: the state accounting's
     per-token cost of all compressed pools and fixed per-sequence cost (windows + tails), as
-    ``kv_accounting.kv_bytes(cfg, fmt)`` gives them; a snapshot costs what a slot does.
-    ``shards``: sequence shards of a data-parallel runner; slots are rounded up and blocks down
-    to a multiple of it (each shard gets an equal part, and one sequence's blocks must fit in
-    one part). Blocks: ``ec.num_blocks``, else as many as the budget holds (``ec.kv_cache_bytes``,
-    else ``budget``, ``kv_budget``'s answer), never more than every slot at ``max_model_len``;
-    with neither, every slot at ``max_model_len``."""
+    ``kv_accounting.kv_bytes(cfg, fmt)`` gives them; a snapshot costs what a slot does, and a
+    slot also holds ``table_bytes_per_slot`` of penalty tables. ``shards``: sequence shards of
+    a data-parallel runner; slots are rounded up and blocks down to a multiple of it (each
+    shard gets an equal part, and one sequence's blocks must fit in one part). Blocks:
+    ``ec.num_blocks``, else as many as the budget holds (``ec.kv_cache_bytes`` over all shards,
+    else ``budget``, ``kv_budget``'s answer for one device, which each shard gets), never more
+    than every slot at ``max_model_len``; with neither, every slot at ``max_model_len``."""
     max_len = min(ec.max_model_len or max_position_embeddings, max_position_embeddings)
     max_blocks = cdiv(max_len, ec.block_tokens)
     max_len = min(max_len, max_blocks * ec.block_tokens)
     per_block = round(bytes_per_token * ec.block_tokens)
     slots = -(-(ec.num_slots or ec.max_batch) // shards) * shards
     snaps = ec.num_snapshots if ec.snapshot_interval else 0
+    plan = PoolPlan(
+        slots, 0, snaps, max_blocks, max_len, per_block, int(bytes_per_slot), "", table_bytes_per_slot, shards,
+        ec.block_tokens,
+    )  # fmt: skip
     why = ""
     if ec.num_blocks is not None:
         blocks = ec.num_blocks
     elif ec.kv_cache_bytes is not None or budget is not None:
-        total, why = (ec.kv_cache_bytes, "kv_cache_bytes") if ec.kv_cache_bytes is not None else budget
-        left = total - (slots + snaps) * bytes_per_slot
-        blocks = min(left // per_block if left > 0 else 0, slots * max_blocks) // shards * shards
+        if ec.kv_cache_bytes is not None:
+            per_shard, why = ec.kv_cache_bytes // shards, "kv_cache_bytes"
+        else:
+            per_shard, why = budget
+        left = per_shard - plan.bytes_per_shard  # slots, tables and the store (no blocks yet)
+        blocks = min(left // per_block if left > 0 else 0, slots // shards * max_blocks) * shards
         if blocks // shards < max_blocks:
-            per = "" if shards == 1 else f" ({blocks // shards} on each of {shards} sequence shards)"
-            raise ValueError(
-                f"the KV budget of {total:,} B ({why}) leaves {max(blocks, 0)} blocks{per} after {slots} "
-                f"slots and {snaps} snapshots of {bytes_per_slot:,} B; one sequence at max_model_len={max_len} "
-                f"needs {max_blocks} blocks of {per_block:,} B. Raise kv_cache_bytes (--kv-cache-bytes) or "
-                f"lower max_model_len / num_slots / num_snapshots."
+            per = "" if shards == 1 else f" on each of {shards} sequence shards"
+            raise PoolsDoNotFit(
+                f"the KV budget of {per_shard:,} B{per} ({why}) leaves {max(blocks // shards, 0)} blocks after "
+                f"{slots // shards} slots ({bytes_per_slot + table_bytes_per_slot:,} B each with penalty tables) "
+                f"and {snaps} snapshots of {bytes_per_slot:,} B; one sequence at max_model_len={max_len} needs "
+                f"{max_blocks} blocks of {per_block:,} B. Raise kv_cache_bytes (--kv-cache-bytes) or "
+                f"lower max_model_len / num_slots / num_snapshots.",
+                per_shard,
             )
-        why = f"{total / 2**30:.2f} GiB: {why}"
+        why = f"{per_shard / 2**30:.2f} GiB per device: {why}"
     else:
         blocks = slots * max_blocks
     if blocks % shards:
         raise ValueError(
             f"num_blocks={blocks} must be a multiple of the {shards} sequence shards of the mesh"
         )
-    return PoolPlan(slots, blocks, snaps, max_blocks, max_len, per_block, int(bytes_per_slot), why)
+    return dataclasses.replace(plan, num_blocks=blocks, budget=why)
 
 
 # ----------------------------------------------------------------------------- CLI flags

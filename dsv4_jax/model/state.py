@@ -329,10 +329,6 @@ def _tail(slots: int, rows: int, chans: int, poison: bool) -> Tail:
     return Tail(jnp.zeros((slots, rows, chans), F32), jnp.full((slots, rows, chans), -jnp.inf, F32))
 
 
-def state_bytes(state) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
-
-
 def state_axes(state) -> Any:
     """Logical axis names of every state leaf (for the sharding rules table)."""
 

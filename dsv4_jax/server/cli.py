@@ -50,6 +50,14 @@ def parse_args(argv: list[str]):
         "--warmup-max-prefill", type=int, default=64, help="warm prefill buckets 8, 16, ... up to this"
     )
     p.add_argument(
+        "--warmup-shapes",
+        choices=("auto", "all", "common"),
+        default="auto",
+        help="all: compile every step shape the profile can emit before /health is ready "
+        "(LLM.precompile; the persistent compile cache makes restarts quick); common: the "
+        "--warmup-max-* requests; auto: all on accelerators, common on CPU",
+    )
+    p.add_argument(
         "--no-warmup", action="store_true", help="serve at once; every shape compiles on first use"
     )
     p.add_argument("--uvicorn-log-level", default="warning")
@@ -77,7 +85,7 @@ def serve(args) -> int:
     llm = launch.build_llm(args)
     engine = llm.engine
     if not args.no_warmup:
-        launch.warm_up(engine, args.warmup_max_batch, args.warmup_max_prefill)
+        launch.warm_up(llm, args.warmup_shapes, args.warmup_max_batch, args.warmup_max_prefill)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
     metrics = ServerMetrics(name, launch.per_kind_bytes(llm))
     aengine = AsyncEngine(engine, metrics, launch.make_profiler(args, engine))

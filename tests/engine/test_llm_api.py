@@ -322,8 +322,10 @@ def test_default_pools_are_sized_from_memory_not_from_slots_times_context():
     assert gpu == 90 * gib - 30 * gib - 2 * gib and "90%" in why
     assert kv_budget(dataclasses.replace(ec, kv_cache_bytes=123), "gpu")[0] == 123
     # a 1M-token checkpoint: 16 slots x 1M tokens x 500 B would be 8 GB; the budget holds 2 GiB
-    plan = plan_pools(ec, 500.0, 1_000_000, 1 << 20, budget=(2 * gib, "host"))
-    assert plan.max_model_len == 1 << 20 and plan.num_blocks == (2 * gib - 16 * 1_000_000) // (500 * 256)
+    # (after 16 slots, their penalty tables and the one-entry snapshot store the runner keeps)
+    plan = plan_pools(ec, 500.0, 1_000_000, 1 << 20, budget=(2 * gib, "host"), table_bytes_per_slot=5000)
+    assert plan.max_model_len == 1 << 20
+    assert plan.num_blocks == (2 * gib - 16 * 1_005_000 - 1_000_000) // (500 * 256)
     assert plan.total_bytes <= 2 * gib and "host" in plan.budget
     # never more blocks than every slot at max_model_len
     small = plan_pools(
@@ -336,3 +338,18 @@ def test_default_pools_are_sized_from_memory_not_from_slots_times_context():
 
 def test_public_names():
     assert "LLM" in dsv4_jax.__all__ and "SamplingParams" in dsv4_jax.__all__
+
+
+def test_warm_up_compiles_every_shape_when_asked():
+    """``--warmup-shapes all`` (the accelerator default) goes through ``LLM.precompile``."""
+    from dsv4_jax import launch
+
+    class Planned:
+        memory = types.SimpleNamespace(describe=lambda: "plan")
+        calls = 0
+
+        def precompile(self):
+            Planned.calls += 1
+            return {"compiled": 3, "seconds": 0.5, "temp_bytes": 1}
+
+    assert launch.warm_up(Planned(), "all") == 0.5 and Planned.calls == 1

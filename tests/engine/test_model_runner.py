@@ -119,6 +119,35 @@ def test_batched_greedy_equals_the_model_alone_and_does_not_recompile():
     assert runner.compilations == warm  # same buckets: steady state compiles nothing
 
 
+def test_precompile_covers_every_shape_the_runner_dispatches():
+    """``step_shapes`` lists every (batch, tokens) under the limits (prefill chunks grouped by
+    length bucket, at most the token budget's worth of chunks per bucket); after
+    ``precompile`` a mixed prefill (two buckets) and batched decodes trace nothing new, and
+    the compiled steps report their temporaries."""
+    cfg, _ = demo()
+    runner = make_runner(num_slots=2, max_batch=2, max_tokens_per_step=16, num_blocks=6)
+    assert runner.step_shapes() == [(1, 1), (2, 1), (1, 8), (2, 8), (1, 16)]
+    wide = make_runner(max_batch=4, max_tokens_per_step=64)
+    assert wide.step_shapes() == [
+        (1, 1),
+        (2, 1),
+        (4, 1),
+        *((b, t) for t in (8, 16, 32) for b in (1, 2, 4)),
+        (1, 64),
+    ]
+    out = runner.precompile(logprobs=False)
+    assert out["compiled"] == 5 and out["temp_bytes"] > 0
+    before = runner.compilations
+    rng = np.random.RandomState(1)
+    seqs = [
+        dict(prompt=rng.randint(2, cfg.vocab_size, 5), slot=0, blocks=[0]),
+        dict(prompt=rng.randint(2, cfg.vocab_size, 11), slot=1, blocks=[3]),
+    ]
+    got = generate(runner, seqs, 4)
+    assert runner.compilations == before
+    assert got[0] == greedy_reference(seqs[0]["prompt"], 4)
+
+
 def test_snapshot_restore_resumes_a_shared_prefix_exactly():
     """SWA ``full``/``checkpoint``: save the slot at a block boundary, restore it into another
     slot for a sequence sharing that prefix, and continue from the boundary."""

@@ -77,3 +77,77 @@ def test_the_document_is_the_scripts_output():
     assert generated == out, (
         "docs/MEMORY_PLAN.md is stale: rerun scripts/memory_plan.py --write docs/MEMORY_PLAN.md"
     )
+
+
+# ----------------------------------------------------------------------------- the server's plan
+def test_serving_plans_per_profile(plan):
+    rows = {(r["model"], r["cluster"], r["profile"], r["context"]): r for r in plan["serving"]}
+    assert len(rows) == 2 * 2 * 3 * 2
+    dp = {(p["model"], p["cluster"]): p for p in plan["plans"] if p["layout"] == "dp-attn"}
+    for (model, cluster, profile, ctx), r in rows.items():
+        if not r["fits"]:
+            continue
+        p = r["plan"]
+        # packed weights, placed by the server's rules: the same bytes as the dp-attn table
+        assert p["weights"] == pytest.approx(dp[model, cluster]["weights_per_device"]["total"], rel=1e-9)
+        assert p["budget"] == int(0.9 * p["device_bytes"]) - p["weights"] - p["temps"]
+        assert p["kv"] <= p["budget"]  # the pools fit the budget they were sized from
+        assert 0 < r["seqs"] <= min(p["pools"]["num_slots"], r["seqs_budget_holds"])
+    assert rows["flash", "8×B200", "long-context", "1M"]["seqs_budget_holds"] > 200
+    assert not rows["pro", "8×H200", "balanced", "128K"]["fits"]  # Pro needs the tp-attn table there
+    assert rows["pro", "8×B200", "long-context", "1M"]["fits"]
+
+
+@pytest.mark.parametrize(
+    "profile, overrides",
+    [("balanced", {}), ("long-context", {"max_model_len": 1 << 20}), ("chat", {"num_snapshots": 12})],
+)
+def test_plan_equals_what_the_runner_allocates_at_flash_width(profile, overrides):
+    """On 8 fake devices (``--mesh auto``), Flash width, packed: the pool arithmetic the server
+    sizes with equals the shard shapes of the runner's own initialisers (abstractly), for a
+    split store, the one-entry store of ``recompute`` and a store that does not divide 8."""
+    import jax
+
+    from dsv4_jax import held, memory
+    from dsv4_jax.engine.profiles import make_config
+    from dsv4_jax.engine.runner.layout import RunnerLayout, tree_bytes
+    from dsv4_jax.model import state as kvc
+    from dsv4_jax.parallel.mesh import parse_mesh
+    from dsv4_jax.parallel.rules import DEFAULT_RULES, Layout
+
+    cfg = preset("flash")
+    lay = Layout.create(parse_mesh("auto"), DEFAULT_RULES)
+    params = memory.abstract_weights(cfg, held.resolve(backend="gpu"))
+    ec = make_config(profile, kv_format="fp8-fp4", **overrides)
+    p = memory.plan(cfg, ec, params, layout=lay, backend="gpu", device_bytes=180 * 10**9)
+    pools = p.pools
+    cc = kvc.CacheConfig(
+        num_slots=pools.num_slots,
+        num_blocks=pools.num_blocks,
+        max_blocks_per_seq=pools.max_blocks_per_seq,
+        block_tokens=ec.block_tokens,
+        fmt=kvc.KVFormat.parse(ec.kv_format),
+    )
+    placement = RunnerLayout(cfg, cc, lay, pools.num_snapshots)
+    assert memory.allocated(placement) == p.kv <= p.budget
+    placed = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        params,
+        lay.param_shardings(params, cfg),
+    )
+    assert tree_bytes(placed) == p.weights
+    assert 25e9 < p.weights < 30e9  # Flash packed, experts split 8 ways (docs/MEMORY_PLAN.md)
+
+
+def test_plan_equals_what_llm_allocates_on_the_demo():
+    """``LLM(demo)`` on CPU and on 8 fake devices: the plan it sized its pools with is what its
+    runner holds, measured on the live arrays."""
+    from dsv4_jax import LLM
+    from dsv4_jax.launch import DEMO_CHECKPOINT
+    from dsv4_jax.parallel.mesh import parse_mesh
+
+    for mesh, kw in ((None, {}), (parse_mesh("auto"), {"num_snapshots": 12})):
+        llm = LLM(DEMO_CHECKPOINT, mesh=mesh, **kw)
+        held = llm.engine.runner.held_bytes()
+        assert held == {"weights": llm.memory.weights, "kv": llm.memory.kv}, (mesh, held, llm.memory)
+        assert llm.memory.kv <= llm.memory.budget

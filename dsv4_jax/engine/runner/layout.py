@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.config import Config
+from dsv4_jax.engine.profiles import snapshots_split
 from dsv4_jax.intmath import next_pow2
 from dsv4_jax.model import moe
 from dsv4_jax.model import state as kvc
@@ -33,6 +34,28 @@ from dsv4_jax.parallel.mesh import validate_for
 from dsv4_jax.parallel.rules import Layout
 
 TABLE_AXES = ("kv_slot", "vocab_table")  # penalty tables [num_slots, V]
+TABLE_DTYPES = (jnp.int32, jnp.bool_)  # output-token counts, prompt mask (``sampling.update_counts``)
+
+
+def leaf_bytes(x) -> int:
+    """Bytes of ``x`` (an array or a ``ShapeDtypeStruct``) on one device of its sharding."""
+    sh = getattr(x, "sharding", None)
+    shape = sh.shard_shape(tuple(x.shape)) if sh is not None else tuple(x.shape)
+    return math.prod(shape) * jnp.dtype(x.dtype).itemsize
+
+
+def tree_bytes(tree, shardings=None) -> int:
+    """Bytes of a pytree on one device: each leaf by its own sharding, or by ``shardings``
+    (a matching tree, as ``Layout.param_shardings`` gives)."""
+    leaves = jax.tree.leaves(tree)
+    if shardings is None:
+        return sum(leaf_bytes(x) for x in leaves)
+    shs = jax.tree.leaves(shardings)
+    if len(shs) != len(leaves):
+        raise ValueError(f"{len(leaves)} leaves but {len(shs)} shardings")
+    return sum(
+        math.prod(s.shard_shape(tuple(x.shape))) * jnp.dtype(x.dtype).itemsize for x, s in zip(leaves, shs)
+    )
 
 
 class RunnerLayout:
@@ -44,8 +67,10 @@ class RunnerLayout:
             dp_attention.local_cache(cc, self.shards)  # slots and blocks split evenly
         self.slots_per_shard = cc.num_slots // self.shards
         self.blocks_per_shard = cc.num_blocks // self.shards
-        # A snapshot store that does not split evenly stays replicated (copies still move one slot).
-        self.snapshots_split = self.shards > 1 and num_snapshots % self.shards == 0
+        # The store has max(n, 1) entries; one that does not split evenly stays replicated
+        # (copies still move one slot). ``PoolPlan.bytes_per_shard`` counts it the same way.
+        self.num_snapshots = num_snapshots
+        self.snapshots_split = snapshots_split(max(num_snapshots, 1), self.shards)
 
     # ------------------------------------------------------------------ placement
     def place_params(self, params):
@@ -56,11 +81,12 @@ class RunnerLayout:
             return moe.split_experts(params) if jax.default_backend() == "cpu" else params
         return jax.device_put(params, self.layout.param_shardings(params, self.cfg))
 
-    def _alloc(self, make, shardings_of):
-        """``make()`` evaluated straight into its shardings (each device builds its own part)."""
-        if self.layout is None:
-            return make()
-        return jax.jit(make, out_shardings=shardings_of(jax.eval_shape(make)))()
+    def _alloc(self, make, shardings_of, abstract: bool):
+        """``make()`` evaluated straight into its shardings (each device builds its own part);
+        ``abstract``: only its shapes, dtypes and shardings (``memory.allocated``)."""
+        if self.layout is not None:
+            make = jax.jit(make, out_shardings=shardings_of(jax.eval_shape(make)))
+        return jax.eval_shape(make) if abstract else make()
 
     def state_shardings(self, state):
         return self.layout.state_shardings(state)
@@ -73,15 +99,16 @@ class RunnerLayout:
     def table_sharding(self, shape):
         return self.layout.sharding(TABLE_AXES, shape)
 
-    def init_state(self):
-        return self._alloc(lambda: kvc.init_state(self.cfg, self.cc), self.state_shardings)
+    def init_state(self, abstract: bool = False):
+        return self._alloc(lambda: kvc.init_state(self.cfg, self.cc), self.state_shardings, abstract)
 
-    def init_snapshots(self, num: int):
-        return self._alloc(lambda: kvc.init_snapshots(self.cfg, self.cc, num), self.snapshot_shardings)
+    def init_snapshots(self, abstract: bool = False):
+        make = lambda: kvc.init_snapshots(self.cfg, self.cc, self.num_snapshots)
+        return self._alloc(make, self.snapshot_shardings, abstract)
 
-    def init_table(self, dtype):
+    def init_table(self, dtype, abstract: bool = False):
         shape = (self.cc.num_slots, self.cfg.vocab_size)
-        return self._alloc(lambda: jnp.zeros(shape, dtype), lambda s: self.table_sharding(s.shape))
+        return self._alloc(lambda: jnp.zeros(shape, dtype), lambda s: self.table_sharding(s.shape), abstract)
 
     def pin(self, state, counts, pmask):
         """Inside the step: keep the outputs in the inputs' layout, so donation reuses the

@@ -9,10 +9,12 @@ The only engine module that imports jax. It owns, on device:
 * the penalty tables (per-slot output counts and prompt masks) the sampler reads.
 
 One ``execute`` call: restore snapshots → reset / seed penalty tables for fresh works →
-run the decode rows (T = 1) and the prefill rows (T = a power-of-two bucket) as two jitted
-calls, each padded to a power-of-two batch → save snapshots → one device-to-host copy of
-the sampled tokens. Shapes come from a small set of buckets, so steady-state serving does
-not recompile; ``compilations`` counts traces so a test can check that.
+run the decode rows (T = 1) and the prefill chunks, grouped by length bucket (T = a power of
+two ≥ 8, so a step's padding stays below twice its tokens), as one jitted call per group,
+each padded to a power-of-two batch → save snapshots → one device-to-host copy per group of
+the sampled tokens. Shapes come from a small set of buckets (``step_shapes``, which
+``precompile`` compiles ahead of traffic), so steady-state serving does not recompile;
+``compilations`` counts traces so a test can check that.
 
 Host-side metadata (tokens, positions, slots, block tables, lengths, sampling arrays) is
 built as numpy arrays and goes to the device once per call.
@@ -42,7 +44,7 @@ from flax import nnx
 
 from dsv4_jax.config import Config
 from dsv4_jax.engine.runner import sampling
-from dsv4_jax.engine.runner.layout import RunnerLayout
+from dsv4_jax.engine.runner.layout import TABLE_DTYPES, RunnerLayout, tree_bytes
 from dsv4_jax.engine.runner.lookahead import Lookahead, continuation
 from dsv4_jax.engine.runner_api import RunnerLimits, SampleOut, SeqWork, StepPlan
 from dsv4_jax.engine.sampling_params import SamplingParams
@@ -117,9 +119,8 @@ class JaxModelRunner:
             num_seq_shards=self.placement.shards,
         )
         self.state = self.placement.init_state()
-        self.snapshots = self.placement.init_snapshots(num_snapshots)
-        self.counts = self.placement.init_table(jnp.int32)  # output-token counts per slot
-        self.prompt_mask = self.placement.init_table(bool)
+        self.snapshots = self.placement.init_snapshots()
+        self.counts, self.prompt_mask = (self.placement.init_table(d) for d in TABLE_DTYPES)
         self._counted: dict[int, int] = {}  # seq_id -> last position whose token is in the tables
         self.compilations = 0
         self.lookahead = lookahead
@@ -201,9 +202,11 @@ class JaxModelRunner:
         for res in {id(p.res): p.res for _, p in used}.values():  # rows computed by earlier lookahead steps
             mine = [(w, p.row) for w, p in used if p.res is res]
             results.append(([w for w, _ in mine], ([r for _, r in mine], res)))
-        for group in ([w for w in rest if len(w.tokens) == 1], [w for w in rest if len(w.tokens) > 1]):
-            if group:
-                results.append((group, self._run_group(group)))
+        buckets: dict[int, list[SeqWork]] = {}  # decode rows (1), prefill chunks by length bucket
+        for w in rest:
+            buckets.setdefault(1 if len(w.tokens) == 1 else next_pow2(len(w.tokens), 8), []).append(w)
+        for _, group in sorted(buckets.items()):
+            results.append((group, self._run_group(group)))
         for w in works:  # after every row of the slot is written (a lookahead row: by an earlier step)
             if w.save_snapshot is not None:
                 self.snapshots = self._save(
@@ -259,11 +262,19 @@ class JaxModelRunner:
         self.ahead.add(works, rows, res)
 
     def _run_group(self, group: list[SeqWork], tokens_on_device=None):
-        """Dispatch one jitted step for ``group`` (all T = 1, or prefill chunks); returns the rows
-        and the sampled results (on device). ``tokens_on_device`` i32[b,1] replaces the works'
-        tokens (a lookahead step's inputs, sampled by the step before)."""
+        """Dispatch one jitted step for ``group`` (all T = 1, or prefill chunks of one length
+        bucket); returns the rows and the sampled results (on device). ``tokens_on_device``
+        i32[b,1] replaces the works' tokens (a lookahead step's inputs, sampled by the step before)."""
         rows, b = self.placement.arrange(group, self.limits.max_batch)  # row of each work, batch size
         t = 1 if all(len(w.tokens) == 1 for w in group) else next_pow2(max(len(w.tokens) for w in group), 8)
+        num_logprobs = SamplingParams.MAX_LOGPROBS if any(w.sampling.logprobs for w in group) else 0
+        args = self._inputs(group, rows, b, t, tokens_on_device)
+        res, self.state, self.counts, self.prompt_mask = self._step(*args, num_logprobs=num_logprobs)
+        return rows, res
+
+    def _inputs(self, group, rows, b: int, t: int, tokens_on_device=None) -> tuple:
+        """The jitted step's arguments for ``group`` in ``rows`` of a ``[b, t]`` step (rows of
+        no work are padding: no slot, nothing written)."""
         mb = self.cc.max_blocks_per_seq
         tokens = np.zeros((b, t), np.int32)
         positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
@@ -287,14 +298,13 @@ class JaxModelRunner:
         for i, w in zip(rows, group):
             params[i], seeds[i], index[i] = w.sampling, w.seed, w.sample_index
         sa = sampling.sampling_arrays(params, seeds, index, pad_to=b)
-        num_logprobs = SamplingParams.MAX_LOGPROBS if any(w.sampling.logprobs for w in group) else 0
         meta = kvc.StepMeta(slots, table, lengths, state_start, cached_until)
         if tokens_on_device is not None:
             tokens = tokens_on_device
         tokens, positions, meta, sa, sample_mask = self.placement.put_batch(
             (tokens, positions, meta, sa, sample_mask)
         )
-        res, self.state, self.counts, self.prompt_mask = self._step(
+        return (
             self.params,
             self.state,
             self.counts,
@@ -304,9 +314,44 @@ class JaxModelRunner:
             meta,
             sa,
             sample_mask,
-            num_logprobs=num_logprobs,
         )
-        return rows, res
+
+    # ------------------------------------------------------------------ step shapes
+    def step_shapes(self) -> list[tuple[int, int]]:
+        """Every ``(batch, tokens)`` this runner can dispatch under its limits: decode batches,
+        and prefill groups of one length bucket ``t`` (chunks longer than t/2, or 2..8 tokens for
+        t = 8) as many as fit the token budget."""
+        lim, n_shards = self.limits, self.placement.shards
+        per_shard = max(1, min(lim.max_batch, lim.num_slots // n_shards))
+
+        def batches(n_max: int) -> set[int]:
+            if n_shards == 1:
+                return {min(next_pow2(n), max(lim.max_batch, n)) for n in range(1, n_max + 1)}
+            return {next_pow2(k) * n_shards for k in range(1, min(n_max, per_shard) + 1)}
+
+        shapes = {(b, 1) for b in batches(lim.max_batch)}
+        longest = min(lim.max_tokens_per_step, lim.max_blocks_per_seq * lim.block_tokens)
+        t = 8
+        while t // 2 < longest:
+            n_max = min(lim.max_batch, lim.max_tokens_per_step // (2 if t == 8 else t // 2 + 1))
+            shapes |= {(b, t) for b in batches(n_max)}
+            t *= 2
+        return sorted(shapes, key=lambda s: (s[1], s[0]))
+
+    def precompile(self, shapes=None, logprobs: bool = True) -> dict:
+        """Compile the step for ``shapes`` (default ``step_shapes()``), without and (``logprobs``)
+        with top-logprobs, ahead of traffic; a later step of the same shape reuses the
+        executable. Returns the count, the seconds and the largest
+        ``memory_analysis().temp_size_in_bytes`` (the step temporaries ``memory.plan`` reserves)."""
+        import time
+
+        t0, temps, n = time.monotonic(), 0, 0
+        for b, t in self.step_shapes() if shapes is None else shapes:
+            args = self._inputs([], [], b, t)
+            for k in (0, SamplingParams.MAX_LOGPROBS) if logprobs else (0,):
+                mem = self._step.lower(*args, num_logprobs=k).compile().memory_analysis()
+                temps, n = max(temps, int(mem.temp_size_in_bytes) if mem is not None else 0), n + 1
+        return {"compiled": n, "seconds": time.monotonic() - t0, "temp_bytes": temps}
 
     def _update_penalty_tables(self, works: list[SeqWork]) -> None:
         """Reset fresh slots, then record every token the tables have not seen: prior tokens of
@@ -353,6 +398,10 @@ class JaxModelRunner:
         self._counted.pop(seq_id, None)
         self.ahead.drop(seq_id)
 
-    @property
-    def state_bytes(self) -> int:
-        return kvc.state_bytes(self.state) + kvc.state_bytes(self.snapshots)
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes one device holds: ``weights`` (the params) and ``kv`` (decode state, snapshot
+        store, penalty tables), measured on the live arrays (``memory.MemoryPlan`` plans them)."""
+        return {
+            "weights": tree_bytes(self.params),
+            "kv": tree_bytes((self.state, self.snapshots, self.counts, self.prompt_mask)),
+        }
