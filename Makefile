@@ -31,10 +31,10 @@ TMP_B := $(or $(TMPDIR),/tmp)/dsv4-pytest-lane-b
 test: $(TEST_STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	@( $(PY) -m pytest -q --basetemp=$(TMP_A) tests/engine tests/kernels && \
-		$(PY) -m pytest -q --basetemp=$(TMP_A) tests/server tests/sharding tests/test_decode_state.py ) \
+	@( $(PY) -m pytest -q --durations=10 --basetemp=$(TMP_A) tests/engine tests/kernels && \
+		$(PY) -m pytest -q --durations=10 --basetemp=$(TMP_A) tests/server tests/sharding tests/test_decode_state.py ) \
 		> $(LANE_A_LOG) 2>&1 & lane_a=$$!; \
-	$(PY) -m pytest -q --basetemp=$(TMP_B) tests $(addprefix --ignore=,$(SPLIT)); lane_b=$$?; \
+	$(PY) -m pytest -q --durations=10 --basetemp=$(TMP_B) tests $(addprefix --ignore=,$(SPLIT)); lane_b=$$?; \
 	wait $$lane_a; lane_a=$$?; \
 	echo "--- lane A (tests/engine tests/kernels, then tests/server tests/sharding tests/test_decode_state.py):"; \
 	cat $(LANE_A_LOG); \

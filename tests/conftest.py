@@ -6,7 +6,10 @@ whole suite). Subprocesses started by tests (server, multi-host) inherit the fla
 The environment must be set before jax is first imported, hence module level here.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
@@ -22,3 +25,12 @@ os.environ["XLA_FLAGS"] = flags
 import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Every JaxModelRunner jits its own step, so two runners of the same shapes (most engine tests
+# build several) compile the same program twice. A compilation cache private to this pytest
+# process turns the second compile into a load; nothing outlives the process, so a run never
+# depends on an earlier one.
+_cache = tempfile.mkdtemp(prefix="dsv4-test-jax-cache-")
+atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

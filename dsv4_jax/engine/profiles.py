@@ -207,7 +207,7 @@ def snapshots_split(num_snapshots: int, shards: int) -> bool:
 class PoolPlan:
     """Pool sizes for the model runner, and their bytes (``budget``: what sized them, if any).
 
-    What the runner allocates for them (``memory.kv_allocated`` checks it): ``num_blocks``
+    What the runner allocates for them (``memory.allocated`` checks it): ``num_blocks``
     pool blocks, ``num_slots`` slots of windows and tails plus a row of each penalty table,
     and a snapshot store of ``max(num_snapshots, 1)`` slot copies (one unused entry when the
     strategy keeps none), split over ``shards`` sequence shards (the store only when it
