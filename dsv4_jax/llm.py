@@ -165,6 +165,7 @@ class LLM:
         temporaries into ``memory`` in place of the reserve. On an accelerator where they exceed
         the reserve the pools were planned too large: the log says by how much and which knob
         to turn (the persistent compile cache makes the next start quick)."""
+        import jax
         from absl import logging
 
         out = self.engine.runner.precompile(logprobs=logprobs)
@@ -172,7 +173,7 @@ class LLM:
         self.memory = dataclasses.replace(
             m, temps=out["temp_bytes"], temps_source=f"memory_analysis of {out['compiled']} compiled steps"
         )
-        if m.device_bytes and self.memory.temps > m.temps and m.temps_source.startswith("reserve"):
+        if jax.default_backend() != "cpu" and self.memory.temps > m.temps:  # the reserve was too small
             logging.warning(
                 "the compiled steps need %.2f GiB of temporaries, %.2f GiB more than the pools were planned "
                 "around; lower --gpu-memory-utilization or --kv-cache-bytes, or --max-tokens-per-step",

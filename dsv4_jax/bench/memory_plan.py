@@ -27,12 +27,12 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType
 
 from dsv4_jax import held, memory
 from dsv4_jax.config import Config, preset
 from dsv4_jax.engine.profiles import PROFILES, PoolsDoNotFit, make_config
+from dsv4_jax.engine.runner.layout import leaf_bytes
 from dsv4_jax.model.accounting import kv_bytes, main_row_bytes
 from dsv4_jax.model.params import count_params, from_native
 from dsv4_jax.model.state import KVFormat
@@ -103,10 +103,6 @@ def _kind(x) -> str:
     return "other"
 
 
-def _bytes(x) -> int:
-    return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-
-
 def weight_bytes(tree, lay: Layout | None = None, cfg: Config | None = None) -> dict[str, float]:
     """Bytes by storage kind (mxfp4 experts, fp8 linears, other), whole or on one device of ``lay``."""
     out = {"mxfp4": 0.0, "fp8": 0.0, "other": 0.0}
@@ -118,12 +114,7 @@ def weight_bytes(tree, lay: Layout | None = None, cfg: Config | None = None) -> 
     for x, sh in zip(leaves, shardings):
         pairs = [(x.data, sh and sh.data), (x.scale, sh and sh.scale)] if is_q(x) else [(x, sh)]
         for arr, s in pairs:
-            ways = (
-                1
-                if s is None
-                else math.prod(lay.ways((e,) if isinstance(e, str) else e) for e in s.spec if e)
-            )
-            out[_kind(x)] += _bytes(arr) / ways
+            out[_kind(x)] += leaf_bytes(arr, s)
     return out
 
 

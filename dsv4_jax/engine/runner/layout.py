@@ -37,9 +37,10 @@ TABLE_AXES = ("kv_slot", "vocab_table")  # penalty tables [num_slots, V]
 TABLE_DTYPES = (jnp.int32, jnp.bool_)  # output-token counts, prompt mask (``sampling.update_counts``)
 
 
-def leaf_bytes(x) -> int:
-    """Bytes of ``x`` (an array or a ``ShapeDtypeStruct``) on one device of its sharding."""
-    sh = getattr(x, "sharding", None)
+def leaf_bytes(x, sharding=None) -> int:
+    """Bytes of ``x`` (an array or a ``ShapeDtypeStruct``) on one device of ``sharding``
+    (default: its own; none: the whole array)."""
+    sh = getattr(x, "sharding", None) if sharding is None else sharding
     shape = sh.shard_shape(tuple(x.shape)) if sh is not None else tuple(x.shape)
     return math.prod(shape) * jnp.dtype(x.dtype).itemsize
 
@@ -53,9 +54,7 @@ def tree_bytes(tree, shardings=None) -> int:
     shs = jax.tree.leaves(shardings)
     if len(shs) != len(leaves):
         raise ValueError(f"{len(leaves)} leaves but {len(shs)} shardings")
-    return sum(
-        math.prod(s.shard_shape(tuple(x.shape))) * jnp.dtype(x.dtype).itemsize for x, s in zip(leaves, shs)
-    )
+    return sum(leaf_bytes(x, s) for x, s in zip(leaves, shs))
 
 
 class RunnerLayout:
