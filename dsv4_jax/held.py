@@ -14,7 +14,7 @@
   dtype follows).
 * ``"auto"``: ``packed`` on accelerators; on CPU ``f32``, which measures fastest on XLA:CPU
   (its bf16 matvecs convert every element; docs/PERF.md "Decode with `LLM(dir)`'s defaults"), with the
-  routed experts held one array per expert (``moe.split_experts``).
+  routed experts held one array per expert, gate and up rows stacked (``moe.split_experts``).
 
 ``kernels``: ``"pallas"`` (the Pallas kernels; interpret mode on CPU), ``"reference"`` (their
 jnp specs, which read the same paged state) or ``"auto"``: Pallas on GPU, references elsewhere.

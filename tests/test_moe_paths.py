@@ -85,21 +85,47 @@ def test_paths_agree_under_the_qat_rounding(held):
     np.testing.assert_allclose(np.asarray(few), np.asarray(ragged[:2]), rtol=1e-5, atol=1e-5)
 
 
-def test_split_experts_holds_each_expert_as_its_own_array():
+def test_split_experts_holds_each_expert_as_its_own_array_gate_and_up_stacked():
     params = init_params(CFG, jax.random.PRNGKey(2))
     split = moe.split_experts(params)
     before, after = to_native(params), to_native(split)
     for stacked, mine in zip(before["layers"] + before["mtp"], after["layers"] + after["mtp"]):
-        for name in ("w1", "w3", "w2"):
-            w = stacked["ffn"]["experts"][name]["weight"]
-            parts = mine["ffn"]["experts"][name]["weight"]
-            assert isinstance(parts, tuple) and len(parts) == CFG.n_routed_experts
-            np.testing.assert_array_equal(np.stack([np.asarray(p) for p in parts]), np.asarray(w))
-        kept = zip(
-            jax.tree.leaves(stacked["ffn"]["shared_experts"]), jax.tree.leaves(mine["ffn"]["shared_experts"])
+        routed, held = stacked["ffn"]["experts"], mine["ffn"]["experts"]
+        w13, w2 = held["w1"]["weight"], held["w2"]["weight"]
+        assert held["w3"]["weight"] == ()
+        assert (
+            isinstance(w13, tuple) and isinstance(w2, tuple) and len(w13) == len(w2) == CFG.n_routed_experts
         )
-        assert all(a is b for a, b in kept)  # only the routed experts are split
+        both = np.concatenate(
+            [np.asarray(routed["w1"]["weight"]), np.asarray(routed["w3"]["weight"])], axis=1
+        )
+        np.testing.assert_array_equal(np.stack([np.asarray(p) for p in w13]), both)  # [E, 2F, D]
+        np.testing.assert_array_equal(
+            np.stack([np.asarray(p) for p in w2]), np.asarray(routed["w2"]["weight"])
+        )
+        shared, held = stacked["ffn"]["shared_experts"], mine["ffn"]["shared_experts"]
+        assert held["w3"]["weight"] == ()
+        np.testing.assert_array_equal(
+            np.asarray(held["w1"]["weight"]),
+            np.concatenate([np.asarray(shared["w1"]["weight"]), np.asarray(shared["w3"]["weight"])]),
+        )
+        assert held["w2"]["weight"] is shared["w2"]["weight"]
     assert jax.tree.structure(moe.split_experts(split)) == jax.tree.structure(split)  # split stays split
+
+
+def test_shared_expert_with_gate_and_up_stacked_equals_apart():
+    model = as_model(init_params(CFG, jax.random.PRNGKey(6)), CFG)
+    p = model.layers[3].ffn.shared_experts
+    graph, state = nnx.split(p)
+    held = nnx.merge(graph, moe.split_experts(nnx.State({"shared_experts": state}))["shared_experts"])
+    x = jnp.asarray(np.random.RandomState(1).standard_normal((5, CFG.hidden_size)), jnp.float32)
+    for sq in (False, True):
+        np.testing.assert_allclose(
+            np.asarray(moe.shared_expert(x, held, CFG, sim_quant=sq)),
+            np.asarray(moe.shared_expert(x, p, CFG, sim_quant=sq)),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_split_decode_rows_read_experts_in_place():

@@ -82,13 +82,17 @@ class Rows:
     ``logits`` f32[R,P,V] at the measured positions (``valid`` bool[R,P]): the prompt's last
     ``PROMPT_POSITIONS`` (left-padded when shorter), then one per continuation token after the
     first; ``tokens`` i32[R,N] the continuation; ``streams`` f32[L,R,P,n,D] each layer's output
-    streams at the same positions (``None`` for the HF port).
+    streams at the same positions (``None`` for the HF port). ``picks``: the router's and the
+    indexer's top-k picks (``dsv4_jax.model.choices``), per batch of rows, per step (the prefill
+    chunk, then each decode step), per pick site: i32[B,T,k] (``None`` for the HF port).
     """
 
-    logits: np.ndarray
-    valid: np.ndarray
+    logits: np.ndarray | None
+    valid: np.ndarray | None
     tokens: np.ndarray
     streams: np.ndarray | None = None
+    picks: list | None = None
+    pick_kinds: list[str] | None = None  # "router" | "indexer" per pick site
 
     def next_logits(self, i: int) -> np.ndarray:
         """f32[R,V]: the logits that chose continuation token ``i``."""
@@ -104,17 +108,23 @@ def _block_tokens(cfg) -> int:
 def _step_fn(cfg, cc, opts):
     import jax
 
+    from dsv4_jax.model import choices
     from dsv4_jax.model.transformer import forward
 
-    def step(params, tokens, positions, state, meta, sel):  # sel i32[B,P]: positions along T to keep
-        taps: list = []
-        logits, state = forward(
-            params, tokens, positions, state, meta, cfg=cfg, opts=opts, cache=cc, layer_taps=taps
-        )
-        take = lambda a: jax.numpy.take_along_axis(a, sel.reshape(sel.shape + (1,) * (a.ndim - 2)), axis=1)
-        return take(logits), state, [take(x).astype(jax.numpy.float32) for x in taps]
+    kinds: list[str] = []  # what each pick site is ("router" | "indexer"), filled while tracing
 
-    return jax.jit(step, donate_argnums=(3,))
+    def step(params, tokens, positions, state, meta, sel, imposed):
+        """sel i32[B,P]: positions along T to keep; imposed: the step's picks to impose, or None."""
+        taps: list = []
+        with choices.active(imposed) as ch:
+            logits, state = forward(
+                params, tokens, positions, state, meta, cfg=cfg, opts=opts, cache=cc, layer_taps=taps
+            )
+        kinds[:] = ch.kinds
+        take = lambda a: jax.numpy.take_along_axis(a, sel.reshape(sel.shape + (1,) * (a.ndim - 2)), axis=1)
+        return take(logits), state, [take(x).astype(jax.numpy.float32) for x in taps], ch.seen
+
+    return jax.jit(step, donate_argnums=(3,)), kinds
 
 
 def run_rows(
@@ -126,11 +136,14 @@ def run_rows(
     forced: list[list[int]] | None = None,
     *,
     reference: bool = False,
+    impose: list | None = None,
 ) -> Rows:
     """Run ``prompts`` as rows of the state path under ``serving`` (``params`` held in its dtype).
 
     ``forced``: feed these continuations (teacher forcing) instead of the greedy picks.
     ``reference``: dense float32 state (the reference's storage), whatever ``serving`` says.
+    ``impose``: the router / indexer picks to make instead of the model's own, per step (one
+    batch's ``Rows.picks`` entry from a run of the same prompts and continuation).
     """
     import jax.numpy as jnp
 
@@ -150,7 +163,7 @@ def run_rows(
         dtype=jnp.float32 if reference else jnp.bfloat16,
     )
     opts = ModelOptions(sim_quant=serving.qat, kernels=serving.kernels)
-    step = _step_fn(cfg, cc, opts)
+    step, kinds = _step_fn(cfg, cc, opts)
     state = kvc.init_state(cfg, cc)
     table = np.arange(r * nb, dtype=np.int32).reshape(r, nb)
     slots = np.arange(r, dtype=np.int32)
@@ -163,27 +176,35 @@ def run_rows(
     q = PROMPT_POSITIONS
     sel = np.maximum(lens[:, None] - q + np.arange(q)[None, :], 0).astype(np.int32)  # left-padded
     valid = [lens[:, None] - q + np.arange(q)[None, :] >= 0]
-    logits, state, taps = step(
+    logits, state, taps, seen = step(
         params,
         tokens,
         np.broadcast_to(np.arange(t, dtype=np.int32), (r, t)),
         state,
         kvc.StepMeta(slots, table, lens),
         sel,
+        None if impose is None else impose[0],
     )
     out_logits, out_taps = [np.asarray(logits, np.float32)], [np.stack([np.asarray(x) for x in taps])]
-    picks = [forced[i][0] if forced is not None else int(np.argmax(out_logits[0][i, -1])) for i in range(r)]
-    gen = [picks]
+    picks = [[np.asarray(x) for x in seen]]
+    gen = [[forced[i][0] if forced is not None else int(np.argmax(out_logits[0][i, -1])) for i in range(r)]]
     one = np.ones(r, np.int32)
     zero = np.zeros((r, 1), np.int32)
     for k in range(new_tokens - 1):
         cur = np.array(gen[-1], np.int32)[:, None]
-        logits, state, taps = step(
-            params, cur, (lens + k)[:, None], state, kvc.StepMeta(slots, table, one), zero
+        logits, state, taps, seen = step(
+            params,
+            cur,
+            (lens + k)[:, None],
+            state,
+            kvc.StepMeta(slots, table, one),
+            zero,
+            None if impose is None else impose[k + 1],
         )
         lg = np.asarray(logits, np.float32)
         out_logits.append(lg)
         out_taps.append(np.stack([np.asarray(x) for x in taps]))
+        picks.append([np.asarray(x) for x in seen])
         valid.append(np.ones((r, 1), bool))
         gen.append([forced[i][k + 1] if forced is not None else int(np.argmax(lg[i, 0])) for i in range(r)])
     return Rows(
@@ -191,6 +212,8 @@ def run_rows(
         np.concatenate(valid, axis=1),
         np.array(gen, np.int32).T,
         np.concatenate(out_taps, axis=2),
+        [picks],
+        list(kinds),
     )
 
 
@@ -302,6 +325,37 @@ def greedy_agreement(ref: Rows, got: Rows, robust: np.ndarray | None = None) -> 
     return out
 
 
+def pick_flips(ref: Rows, got: Rows, prompts: list[list[int]], batch: int) -> dict:
+    """Share of the router's and the indexer's top-k picks (compared as sets) that ``got`` made
+    differently from ``ref``, over every prompt and continuation position both ran (the same
+    tokens: ``got`` teacher-forced on ``ref``'s continuation)."""
+    flips: dict[str, list[int]] = {}
+    for b, (rb, gb) in enumerate(zip(ref.picks, got.picks)):
+        lens = np.array([len(p) for p in prompts[b * batch : (b + 1) * batch]])
+        for s, (rs, gs) in enumerate(zip(rb, gb)):
+            for kind, rp, gp in zip(ref.pick_kinds, rs, gs):
+                rp, gp = (x.reshape(len(lens), -1, x.shape[-1]) for x in (rp, gp))  # the router's: [B·T, k]
+                differ = (np.sort(rp, -1) != np.sort(gp, -1)).any(-1)  # bool[B,T]
+                live = (
+                    np.arange(rp.shape[1])[None, :] < lens[:, None] if s == 0 else np.ones(differ.shape, bool)
+                )
+                acc = flips.setdefault(kind, [0, 0])
+                acc[0] += int((differ & live).sum())
+                acc[1] += int(live.sum())
+    return {f"{kind}_pick_flips": n / max(total, 1) for kind, (n, total) in flips.items()}
+
+
+def imposed_agreement(ref: Rows, imposed: Rows, robust: np.ndarray | None) -> dict:
+    """``greedy_agreement`` for a teacher-forced run with ``ref``'s picks imposed: its argmax at
+    each step of ``ref``'s continuation, up to the first that differs, is what a free-running
+    greedy pass with those picks would have produced (same prefix, same computation)."""
+    n = ref.tokens.shape[1]
+    argmax = np.stack([imposed.next_logits(i).argmax(-1) for i in range(n)], 1).astype(np.int32)
+    g = greedy_agreement(ref, Rows(None, None, argmax), robust)
+    keep = ("exact", "max_gap", "robust_diverged", "robust_max_gap", "robust_over_tolerance")
+    return {k: g[k] for k in keep if k in g}
+
+
 # ----------------------------------------------------------------------------- the report
 def random_prompts(n: int, seed: int, vocab: int, max_len: int = 300, min_len: int = 2) -> list[list[int]]:
     """``n`` prompts of random token ids (never BOS/EOS), lengths uniform in [min_len, max_len]."""
@@ -324,16 +378,28 @@ def text_prompts(tokenizer, n: int, seed: int, max_len: int = 300, min_len: int 
     return out
 
 
-def _batched(fn, prompts, batch: int, forced=None) -> Rows:
+def _batched(
+    fn, prompts, batch: int, forced=None, tokens_only: bool = False, impose: list | None = None
+) -> Rows:
+    """``fn`` over ``prompts`` in batches of ``batch``, the parts joined. ``tokens_only``: keep
+    the continuations and drop each part's logits and streams as it comes (free-running greedy
+    runs need only their tokens; at mid width a full Rows is ~2.5 GB). ``impose``: a previous
+    run's ``Rows.picks`` (same prompts, same batches), passed to ``fn`` batch by batch."""
     parts = []
-    for i in range(0, len(prompts), batch):
-        parts.append(fn(prompts[i : i + batch], None if forced is None else forced[i : i + batch]))
+    for j, i in enumerate(range(0, len(prompts), batch)):
+        args = (prompts[i : i + batch], None if forced is None else forced[i : i + batch])
+        part = fn(*args) if impose is None else fn(*args, impose[j])
+        if tokens_only:
+            part = Rows(None, None, part.tokens)
+        parts.append(part)
     cat = lambda xs, axis=0: None if xs[0] is None else np.concatenate(xs, axis=axis)
     return Rows(
         cat([p.logits for p in parts]),
         cat([p.valid for p in parts]),
         cat([p.tokens for p in parts]),
         cat([p.streams for p in parts], axis=1),
+        None if parts[0].picks is None else [b for p in parts for b in p.picks],
+        parts[0].pick_kinds,
     )
 
 
@@ -361,9 +427,9 @@ def measure(
     robust = None
     if hf:
         m32 = hf_model_from(cfg, params_f32, "float32")
-        h32 = _batched(lambda ps, fo: hf_rows(m32, ps, new_tokens, fo), prompts, batch)
+        h32 = _batched(lambda ps, fo: hf_rows(m32, ps, new_tokens, fo), prompts, batch, tokens_only=True)
         m16 = m32.to(__import__("torch").bfloat16)
-        h16 = _batched(lambda ps, fo: hf_rows(m16, ps, new_tokens, fo), prompts, batch)
+        h16 = _batched(lambda ps, fo: hf_rows(m16, ps, new_tokens, fo), prompts, batch, tokens_only=True)
         h16_tf = _batched(lambda ps, fo: hf_rows(m16, ps, new_tokens, fo), prompts, batch, refs[False].tokens)
         robust = (h16.tokens == refs[False].tokens).all(1)
         out["hf_float32_greedy_equals_reference"] = int((h32.tokens == refs[False].tokens).all(1).sum())
@@ -373,18 +439,34 @@ def measure(
             **greedy_agreement(refs[False], h16, robust),
         }
         log(f"HF bf16: {_brief(out['hf_bfloat16'])}")
+        del m32, m16, h32, h16, h16_tf  # only the tokens and the table row are kept
     for c in configs:
         params = held[c.dtype]
         ref = refs[c.qat]
-        tf = _batched(lambda ps, fo: run_rows(cfg, params, c, ps, new_tokens, fo), prompts, batch, ref.tokens)  # noqa: B023
-        gr = _batched(lambda ps, fo: run_rows(cfg, params, c, ps, new_tokens, fo), prompts, batch)  # noqa: B023
+        run = functools.partial(run_rows, cfg, params, c, new_tokens=new_tokens)
+        tf = _batched(lambda ps, fo: run(ps, forced=fo), prompts, batch, ref.tokens)  # noqa: B023
+        gr = _batched(lambda ps, fo: run(ps, forced=fo), prompts, batch, tokens_only=True)  # noqa: B023
         row = {
             "serving": dataclasses.asdict(c),
             "label": c.label,
             "reference": f"float32, QAT {'on' if c.qat else 'off'}",
             **compare(ref, tf),
+            **pick_flips(ref, tf, prompts, batch),
             **greedy_agreement(ref, gr, robust if not c.qat else None),
         }
+        del tf, gr
+        if robust is not None and not c.qat and row["robust_over_tolerance"]:
+            # Attribution: the same run with the reference's picks imposed. What still diverges
+            # over the tolerance is the arithmetic's doing, not a flipped top-k choice.
+            im = _batched(
+                lambda ps, fo, picks: run(ps, forced=fo, impose=picks),  # noqa: B023
+                prompts,
+                batch,
+                ref.tokens,
+                impose=ref.picks,
+            )
+            row["with_reference_picks"] = imposed_agreement(ref, im, robust)
+            del im
         out["rows"].append(row)
         log(f"{c.label}: {_brief(row)}")
     return out
@@ -397,6 +479,13 @@ def _brief(r: dict) -> str:
     )
     if "robust_prompts" in r:
         s += f", robust {r['robust_prompts']} (diverged {r['robust_diverged']}, max gap {r['robust_max_gap']:.3f})"
+    if "router_pick_flips" in r:
+        s += f", router picks flipped {r['router_pick_flips']:.4f}"
+    if "indexer_pick_flips" in r:
+        s += f", indexer picks flipped {r['indexer_pick_flips']:.4f}"
+    if "with_reference_picks" in r:
+        w = r["with_reference_picks"]
+        s += f"; with f32 picks: diverged {w['robust_diverged']}, > tol {w['robust_over_tolerance']}"
     return s
 
 

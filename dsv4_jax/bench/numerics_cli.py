@@ -8,7 +8,10 @@ Checkpoints: ``demo`` (the bundled one; prompts are windows of its held-out text
 ``SIZE:SEED[,SEED...]`` random checkpoints in the published format
 (``dsv4_jax.bench.checkpoints.SIZES``; written once under ``checkpoints/numerics-*``; prompts
 are random token ids). Configurations: ``--configs default|kernels|all``
-(``dsv4_jax.bench.numerics.CONFIG_SETS``). The HF columns need the ``oracle`` extra
+(``dsv4_jax.bench.numerics.CONFIG_SETS``). Where a bf16 path diverges over the tolerance on a
+prompt HF's bf16 keeps, the report reruns it with the float32 reference's router and indexer
+picks imposed (``dsv4_jax.model.choices``): what still diverges is a precision loss, the rest
+a flipped top-k choice. The HF columns need the ``oracle`` extra
 (``make test`` installs it); ``--no-hf`` leaves them out. What each figure means:
 ``dsv4_jax/bench/numerics.py``.
 """
@@ -47,9 +50,10 @@ def table(report: dict) -> str:
     """The report as markdown: one row per (checkpoint, configuration), the HF bf16 copy first."""
     head = (
         "| checkpoint | configuration | reference | mean KL | top-1 | max / mean abs Δlogit | "
-        "greedy equal (of prompts) | robust prompts: diverged, > 0.05 gap |"
+        "greedy equal (of prompts) | robust prompts: diverged, > 0.05 gap | router / indexer picks flipped | "
+        "with the f32 picks imposed: diverged, > 0.05 gap |"
     )
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 10]
     for ck in report["checkpoints"]:
         rows = [{"label": "HF port, model.to(bfloat16)", **ck["hf_bfloat16"]}] if "hf_bfloat16" in ck else []
         for r in rows + ck["rows"]:
@@ -58,10 +62,17 @@ def table(report: dict) -> str:
                 if "robust_prompts" in r
                 else ""
             )
+            flips = (
+                f"{r['router_pick_flips']:.4f} / {r.get('indexer_pick_flips', 0):.4f}"
+                if "router_pick_flips" in r
+                else ""
+            )
+            w = r.get("with_reference_picks")
+            imposed = f"{w['robust_diverged']}, {w['robust_over_tolerance']}" if w else ""
             lines.append(
                 f"| {ck['name']} | {r['label']} | {r['reference']} | {r['mean_kl']:.2e} | "
                 f"{r['top1_agreement']:.4f} | {r['max_abs_logit_drift']:.3f} / {r['mean_abs_logit_drift']:.4f} | "
-                f"{r['exact']} / {r['prompts']} | {robust} |"
+                f"{r['exact']} / {r['prompts']} | {robust} | {flips} | {imposed} |"
             )
     return "\n".join(lines)
 
@@ -123,9 +134,9 @@ def main(argv=None) -> int:
             log=lambda m, n=name: log(f"{n}: {m}"),
         )
         report["checkpoints"].append({"name": name, "path": os.path.relpath(path, ck.ROOT), **res})
-    report["seconds"] = round(time.monotonic() - t0, 1)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        report["seconds"] = round(time.monotonic() - t0, 1)
+        if args.out:  # after every checkpoint: a run that dies later keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
     print(json.dumps(report) if args.json else table(report))
     return 0

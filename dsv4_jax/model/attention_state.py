@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 import pallas_kernels as pk
 from dsv4_jax.config import Config
-from dsv4_jax.model import attention, compressor, indexer
+from dsv4_jax.model import attention, choices, compressor, indexer
 from dsv4_jax.model import state as kvc
 from dsv4_jax.model.attention import Attention
 
@@ -134,6 +134,7 @@ def attention_chunk(
                 idx, _ = kernels.indexer_topk(
                     qi, wi, new["idx"], bt, start, lengths, ratio=ratio, topk=topk
                 )  # i32[B,T,topk], −1: none
+                idx = choices.pick("indexer", idx)
     with jax.named_scope("core"):
         o = kernels.sparse_attention(
             q,

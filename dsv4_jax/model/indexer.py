@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv4_jax.config import Config
-from dsv4_jax.model import ops
+from dsv4_jax.model import choices, ops
 from dsv4_jax.model.compressor import Compressor
 from dsv4_jax.model.layers import Linear
 from pallas_kernels.indexer_topk.reference import index_scores_reference
@@ -67,7 +67,7 @@ def select_topk(scores: jax.Array, positions: jax.Array, ratio: int, topk: int) 
     ent = jnp.arange(s)
     masked = jnp.where(ent[None, None, :] < visible[..., None], scores, -jnp.inf)
     _, idx = jax.lax.top_k(masked, k)
-    return jnp.where(idx < visible[..., None], idx, -1).astype(jnp.int32)
+    return choices.pick("indexer", jnp.where(idx < visible[..., None], idx, -1).astype(jnp.int32))
 
 
 def indexer_topk(x, c_q, positions, keys, p: Indexer, ratio: int, cfg: Config, *, sim_quant: bool = False):

@@ -31,7 +31,7 @@ from flax import nnx
 
 import pallas_kernels as pk
 from dsv4_jax.config import Config
-from dsv4_jax.model import ops
+from dsv4_jax.model import choices, ops
 from dsv4_jax.model.layers import Linear, buffer, dense, param, value
 from dsv4_jax.quant import QuantizedWeight
 
@@ -97,6 +97,7 @@ def route(x: jax.Array, tokens: jax.Array, gate: Router, cfg: Config, hash_route
         idx = gate.tid2eid[...][tokens].astype(jnp.int32)
     else:
         _, idx = jax.lax.top_k(scores + gate.bias[...].astype(F32), cfg.num_experts_per_tok)
+        idx = choices.pick("router", idx)
     w = jnp.take_along_axis(scores, idx, axis=-1)
     if cfg.norm_topk_prob:
         w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
@@ -219,22 +220,55 @@ def _gathered_experts(
 
 
 def split_experts(params):
-    """``params`` (an ``nnx.State``) with each dense routed-expert stack ``[E, out, in]`` held as
-    a tuple of E arrays ``[out, in]`` (packed weights stay stacked).
+    """``params`` (an ``nnx.State``) as the runner holds them on XLA:CPU: each dense routed expert
+    its own arrays, gate and up rows stacked: ``w1`` a tuple of E arrays [2F, D] (``w1[e]`` over
+    ``w3[e]``), ``w3`` an empty tuple, ``w2`` a tuple of E arrays [D, F]; the shared expert's
+    dense ``w1`` / ``w3`` stacked the same way. Packed weights stay as they are.
 
-    Why: a decode row that takes its expert out of a stack reads a copy on XLA:CPU (the
+    Why split: a decode row that takes its expert out of a stack reads a copy on XLA:CPU (the
     gather, or a slice, is materialised before the dot: each chosen expert is read, written
     and read again), while a ``lax.switch`` branch over separate arrays reads it in place
-    (``_switched_experts``). The runner holds experts this way on CPU without a mesh
-    (``RunnerLayout.place_params``); with expert parallelism, and on GPUs, they stay stacked.
+    (``_switched_experts``). Why gate and up stacked: XLA:CPU runs a dot over at least 2 MiB of
+    weights through Eigen on every core and a smaller one as a one-thread GEMV; at V4 widths
+    both are large, at the mid benchmark's (768 × 512 f32, 1.5 MiB) stacking moves gate and up
+    to the faster path (docs/PERF.md "Gate and up stacked"). The runner holds experts this way
+    on CPU without a mesh (``RunnerLayout.place_params``); with expert parallelism, and on
+    GPUs, they stay stacked by expert and apart by projection.
     """
+    flat = dict(
+        jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    )
+
+    def keys(path):
+        return [getattr(p, "key", None) for p in path]
+
+    def sibling(path, name):  # the variable at ``path`` with the projection key replaced by ``name``
+        out = list(path)
+        i = max(j for j, k in enumerate(keys(path)) if k in ("w1", "w3", "w2"))
+        out[i] = type(path[i])(name)
+        return flat.get(tuple(out))
+
+    def dense(x):
+        return isinstance(x, jax.Array)
 
     def split(path, v):
-        keys = [getattr(p, "key", None) for p in path]
+        ks = keys(path)
         w = value(v)
-        if "experts" in keys and isinstance(w, jax.Array) and w.ndim == 3:
-            return v.replace(tuple(w[e] for e in range(w.shape[0])))
-        return v
+        routed = "experts" in ks and dense(w) and w.ndim == 3
+        shared = "shared_experts" in ks and dense(w) and w.ndim == 2
+        if not (routed or shared):
+            return v
+        proj = next(k for k in reversed(ks) if k in ("w1", "w3", "w2"))
+        if proj == "w2":
+            return v.replace(tuple(w[e] for e in range(w.shape[0]))) if routed else v
+        other = value(sibling(path, "w3" if proj == "w1" else "w1"))
+        if not (dense(other) and other.shape == w.shape):
+            return v  # the pair is not two dense arrays of one shape: leave both apart
+        if proj == "w3":
+            return v.replace(())
+        if shared:
+            return v.replace(jnp.concatenate([w, other], axis=0))
+        return v.replace(tuple(jnp.concatenate([w[e], other[e]], axis=0) for e in range(w.shape[0])))
 
     return jax.tree_util.tree_map_with_path(split, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -242,6 +276,16 @@ def split_experts(params):
 def is_split(experts: Experts) -> bool:
     """Whether ``experts`` is held one array per expert (``split_experts``)."""
     return isinstance(value(experts.w1.weight), tuple)
+
+
+def gate_up(proj, w1, w3) -> tuple[jax.Array, jax.Array]:
+    """Gate and up projections ``proj(w)`` ([..., F] each), from separate ``w1`` / ``w3`` or from
+    ``w1`` holding both stacked ([2F, D], ``w3`` an empty tuple: ``split_experts``)."""
+    if isinstance(w3, tuple) and not w3:
+        gu = proj(w1)  # [..., 2F]
+        f = gu.shape[-1] // 2
+        return gu[..., :f], gu[..., f:]
+    return proj(w1), proj(w3)
 
 
 def _switched_experts(
@@ -254,12 +298,12 @@ def _switched_experts(
     xs = jnp.repeat(x, k, axis=0)  # [M, D], row m is token m // k
     if sim_quant:
         xs = ops.fp8_sim(xs, 128)
-    w1, w3, w2 = (value(getattr(experts, name).weight) for name in ("w1", "w3", "w2"))
+    w13, w2 = value(experts.w1.weight), value(experts.w2.weight)
 
     def branch(e: int):  # [1, D], f32[] -> f32[1, D]
-        return lambda xr, rw: _one_expert(xr, w1[e], w3[e], w2[e], rw, cfg, x.dtype, sim_quant)
+        return lambda xr, rw: _one_expert(xr, w13[e], w2[e], rw, cfg, x.dtype, sim_quant)
 
-    branches = [branch(e) for e in range(len(w1))]
+    branches = [branch(e) for e in range(len(w13))]
     return jax.lax.map(
         lambda a: jax.lax.switch(a[0], branches, a[1][None], a[2])[0], (flat, xs, row_w)
     )  # f32[M, D]
@@ -285,15 +329,16 @@ def _all_experts(
         return jnp.einsum("enf,edf->nd", h, dense(w2, h.dtype), preferred_element_type=F32)
     out = jnp.zeros((n, x.shape[-1]), F32)
     for j in range(e):  # expert by expert, each array read in place
-        out = out + _one_expert(xs, w1[j], w3[j], w2[j], gates[:, j : j + 1], cfg, x.dtype, sim_quant)
+        out = out + _one_expert(xs, w1[j], w2[j], gates[:, j : j + 1], cfg, x.dtype, sim_quant)
     return out
 
 
-def _one_expert(xs: jax.Array, w1, w3, w2, gate: jax.Array, cfg: Config, dtype, sim_quant: bool) -> jax.Array:
-    """One expert held as its own arrays on rows xs [N,D], the SwiGLU output scaled by ``gate``
-    f32[N,1] (or a scalar) before ``w2``, as every routed path does: f32[N,D]."""
+def _one_expert(xs: jax.Array, w13, w2, gate: jax.Array, cfg: Config, dtype, sim_quant: bool) -> jax.Array:
+    """One expert held split (gate and up rows stacked in ``w13`` [2F, D]) on rows xs [N,D], the
+    SwiGLU output scaled by ``gate`` f32[N,1] (or a scalar) before ``w2``, as every routed
+    path does: f32[N,D]."""
     up = lambda w: jnp.einsum("nd,fd->nf", xs, dense(w, xs.dtype), preferred_element_type=F32)
-    h = (swiglu(up(w1), up(w3), cfg.swiglu_limit) * gate).astype(dtype)
+    h = (swiglu(*gate_up(up, w13, ()), cfg.swiglu_limit) * gate).astype(dtype)
     if sim_quant:
         h = ops.fp8_sim(h, 128)
     return jnp.einsum("nf,df->nd", h, dense(w2, h.dtype), preferred_element_type=F32)
@@ -301,11 +346,8 @@ def _one_expert(xs: jax.Array, w1, w3, w2, gate: jax.Array, cfg: Config, dtype, 
 
 def shared_expert(x: jax.Array, p: SharedExpert, cfg: Config, *, sim_quant: bool = False) -> jax.Array:
     """The always-on expert, same clamped SwiGLU (§11.1): f32[..., D]."""
-    h = swiglu(
-        ops.linear(x, p.w1.weight, quant_act=sim_quant),
-        ops.linear(x, p.w3.weight, quant_act=sim_quant),
-        cfg.swiglu_limit,
-    )
+    proj = lambda w: ops.linear(x, w, quant_act=sim_quant)
+    h = swiglu(*gate_up(proj, p.w1.weight, value(p.w3.weight)), cfg.swiglu_limit)
     h = h.astype(x.dtype)
     if sim_quant:
         h = ops.fp8_sim(h, 128)

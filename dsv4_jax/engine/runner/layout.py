@@ -74,8 +74,8 @@ class RunnerLayout:
     # ------------------------------------------------------------------ placement
     def place_params(self, params):
         """The params on the mesh by the rules table. Without a mesh on XLA:CPU the routed
-        experts are held one array per expert (``moe.split_experts``: a decode row then reads
-        its expert in place, not a gathered copy)."""
+        experts are held one array per expert, gate and up stacked (``moe.split_experts``: a
+        decode row then reads its expert in place, not a gathered copy)."""
         if self.layout is None:
             return moe.split_experts(params) if jax.default_backend() == "cpu" else params
         return jax.device_put(params, self.layout.param_shardings(params, self.cfg))
