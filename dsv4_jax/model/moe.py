@@ -248,21 +248,21 @@ def split_experts(params):
         out[i] = type(path[i])(name)
         return flat.get(tuple(out))
 
-    def dense(x):
+    def is_dense(x):
         return isinstance(x, jax.Array)
 
     def split(path, v):
         ks = keys(path)
         w = value(v)
-        routed = "experts" in ks and dense(w) and w.ndim == 3
-        shared = "shared_experts" in ks and dense(w) and w.ndim == 2
+        routed = "experts" in ks and is_dense(w) and w.ndim == 3
+        shared = "shared_experts" in ks and is_dense(w) and w.ndim == 2
         if not (routed or shared):
             return v
         proj = next(k for k in reversed(ks) if k in ("w1", "w3", "w2"))
         if proj == "w2":
             return v.replace(tuple(w[e] for e in range(w.shape[0]))) if routed else v
         other = value(sibling(path, "w3" if proj == "w1" else "w1"))
-        if not (dense(other) and other.shape == w.shape):
+        if not (is_dense(other) and other.shape == w.shape):
             return v  # the pair is not two dense arrays of one shape: leave both apart
         if proj == "w3":
             return v.replace(())
