@@ -328,7 +328,7 @@ def _all_experts(
             h = ops.fp8_sim(h, 128)
         return jnp.einsum("enf,edf->nd", h, dense(w2, h.dtype), preferred_element_type=F32)
     out = jnp.zeros((n, x.shape[-1]), F32)
-    for j in range(e):  # expert by expert, each array read in place
+    for j in range(e):  # expert by expert, each array read in place; split, w1[j] is gate and up stacked
         out = out + _one_expert(xs, w1[j], w2[j], gates[:, j : j + 1], cfg, x.dtype, sim_quant)
     return out
 
