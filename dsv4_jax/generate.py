@@ -11,7 +11,10 @@ presence_penalty frequency_penalty seed stop stop_token_ids ignore_eos``.
 Output, one line per input line, written as each request finishes (so in completion order;
 ``index`` is the input line number): ``{"id", "index", "text", "token_ids", "finish_reason",
 "usage", "metrics"}`` plus ``"reasoning_content"`` for thinking chats, or ``{"id", "index",
-"error"}`` for a line the engine refused (it does not stop the run).
+"error"}`` for a line the engine refused (it does not stop the run). ``metrics`` holds TTFT and
+end-to-end seconds and, when MTP drafts ran for the request, its drafts verified and accepted,
+acceptance rate and mean acceptance length (tokens per verify step); the run's totals, with the
+acceptance rate per draft position, are printed at the end.
 
 The requests go through the same ``LLMEngine`` the server uses, on this thread (no HTTP),
 with up to ``--max-in-flight`` requests queued in the engine at once. Resuming: lines already
@@ -225,7 +228,42 @@ def _result(req, rec: dict, index: int, thinking: bool, encoding) -> dict:
         "completion_tokens": len(req.output_token_ids),
     }
     res["metrics"] = {"ttft_s": m.ttft, "e2e_s": m.e2e}
+    if m.draft_tokens:  # MTP drafts ran for this request
+        res["metrics"].update(
+            draft_tokens=m.draft_tokens,
+            accepted_tokens=m.accepted_tokens,
+            acceptance_rate=m.acceptance_rate,
+            mean_acceptance_length=m.mean_acceptance_length,
+        )
     return res
+
+
+def spec_counters(engine) -> dict:
+    """The engine's MTP counters, flat (``dsv4_jax.bench.client.SPEC_KEYS`` and per position)."""
+    from dsv4_jax.bench.client import SPEC_KEYS
+
+    stats = engine.stats()
+    pos = {
+        k: v for k, v in stats.items() if k.startswith(("spec_draft_tokens_pos", "spec_accepted_tokens_pos"))
+    }
+    return {**{k: stats.get(k, 0) for k in SPEC_KEYS}, **pos}
+
+
+def spec_report(before: dict, after: dict) -> str | None:
+    """One line on the MTP drafts verified between two ``spec_counters``, or None if none were."""
+    from dsv4_jax.bench.client import counter_delta, spec_summary
+
+    s = spec_summary(counter_delta(before, after))
+    if not s["spec_draft_tokens"]:
+        return None
+    per_pos = " ".join(
+        "-" if r is None else f"{100 * r:.1f}%" for r in s["spec_acceptance_rate_per_position"]
+    )
+    return (
+        f"speculative decoding: {s['spec_accepted_tokens']} of {s['spec_draft_tokens']} drafts accepted "
+        f"({100 * s['spec_acceptance_rate']:.1f}%), mean acceptance length "
+        f"{s['spec_mean_acceptance_length']:.2f} tokens per verify step; per draft position: {per_pos}"
+    )
 
 
 def run(args) -> int:
@@ -242,7 +280,7 @@ def run(args) -> int:
         "seed": args.seed,
         "ignore_eos": args.ignore_eos,
     }
-    t0 = time.monotonic()
+    t0, spec_before = time.monotonic(), spec_counters(llm.engine)
     counts = generate_jsonl(
         llm.engine,
         records,
@@ -257,6 +295,8 @@ def run(args) -> int:
         f"{counts['ok']} generated, {counts['errors']} refused, {counts['skipped']} already done "
         f"in {time.monotonic() - t0:.1f} s -> {args.output}"
     )
+    if (line := spec_report(spec_before, spec_counters(llm.engine))) is not None:
+        print(line)
     return 0
 
 

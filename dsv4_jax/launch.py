@@ -126,6 +126,10 @@ def build_llm(args: argparse.Namespace):
 
     config = config_from_args(args)
     kw = dataclasses.asdict(config)
+    if getattr(args, "speculative_tokens", None) is None:
+        del kw[
+            "speculative_tokens"
+        ]  # LLM's default: the profile's depth (off on CPU, or without an MTP block)
     shards = 1
     if getattr(args, "mesh", None) is not None or getattr(args, "coordinator", None) is not None:
         from dsv4_jax.parallel.mesh import mesh_from_args
@@ -207,7 +211,9 @@ def warm_up(llm, shapes: str = "auto", max_batch: int = 1, max_prefill: int = 64
         return out["seconds"]
     engine = llm.engine
     lim, rng, t0 = engine.limits, random.Random(seed), time.monotonic()
-    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    # with MTP drafts: long enough that prefills ask for drafts and decodes verify them
+    k = min(lim.max_draft_tokens, engine.config.speculative_tokens)
+    sp = SamplingParams(max_tokens=2 + (2 * k + 2 if k else 0), temperature=0.0, ignore_eos=True)
     budget = lim.max_tokens_per_step
 
     def run(lengths):

@@ -88,6 +88,10 @@ class LLM:
     storage format (``kv_format``, an engine argument) defaults to what is lossless in that
     mode: ``fp8-fp4`` with QAT, ``bf16`` without; an FP8 format with ``qat=False`` is refused
     unless ``allow_lossy_kv=True``.
+
+    MTP speculative decoding (docs/ENGINE.md): ``speculative_tokens=k`` drafts up to k tokens
+    per step with the checkpoint's MTP block (0: off). Not given: the profile's depth on
+    accelerators, off on CPU, where a verify step costs more than its drafts return.
     """
 
     def __init__(
@@ -122,6 +126,18 @@ class LLM:
             checkpoint_dir, getattr(jnp, self.held.dtype), storage=self.held.storage, mesh=mesh
         )
         self.qat = cfg.qat_trained if qat is None else bool(qat)
+        if "speculative_tokens" not in engine_args and jax.default_backend() == "cpu":
+            # MTP drafts by default where they pay: on accelerators a verify step reads the weights
+            # once for k + 1 positions. On XLA:CPU a verify step costs 1.7-2.2 decode steps on the
+            # demo, more than its acceptance returns (docs/PERF.md "MTP speculative decoding").
+            config = dataclasses.replace(config, speculative_tokens=0)
+        if config.speculative_tokens and not (cfg.num_nextn_predict_layers and "mtp" in params):
+            if engine_args.get("speculative_tokens"):
+                raise ValueError(
+                    f"speculative_tokens={config.speculative_tokens}: {checkpoint_dir} has no MTP block "
+                    f"(num_nextn_predict_layers={cfg.num_nextn_predict_layers}) to draft with"
+                )
+            config = dataclasses.replace(config, speculative_tokens=0)  # the profile's default: off
         config = dataclasses.replace(
             config, kv_format=resolve_kv_format(config.kv_format, self.qat, allow_lossy_kv)
         )
@@ -153,6 +169,7 @@ class LLM:
             eos_token_id=cfg.eos_token_id,
             mesh=mesh,
             lookahead=config.decode_lookahead,
+            speculative_tokens=config.speculative_tokens,
             opts=ModelOptions(sim_quant=self.qat, kernels=self.held.kernels),
         )
         self.model_config = cfg

@@ -33,7 +33,7 @@ from dsv4_jax.checkpoint import placement
 from dsv4_jax.config import Config
 from dsv4_jax.engine.profiles import TEMP_RESERVE_BYTES, EngineConfig, PoolPlan, kv_budget, plan_pools
 from dsv4_jax.engine.runner.layout import TABLE_DTYPES, tree_bytes
-from dsv4_jax.model.accounting import kv_bytes
+from dsv4_jax.model.accounting import kv_bytes, mtp_window_bytes
 from dsv4_jax.model.params import ArrayInfo, abstract_params, from_native, param_infos
 from dsv4_jax.model.state import KVFormat
 from dsv4_jax.quant import QuantizedWeight
@@ -164,11 +164,14 @@ def plan(
     else:
         used = weights if device_used is None else device_used
         b, why = kv_budget(ec, backend, device_limit=device_bytes, device_used=used, temps=temps)
-    acc = kv_bytes(cfg, KVFormat.parse(ec.kv_format))
+    fmt = KVFormat.parse(ec.kv_format)
+    acc = kv_bytes(cfg, fmt)
+    # MTP speculative decoding: each slot (and each SWA snapshot) also holds the MTP block's window
+    mtp = mtp_window_bytes(cfg, fmt) if ec.speculative_tokens else 0
     pools = plan_pools(
         ec,
         acc.bytes_per_token,
-        acc.fixed_bytes_per_seq,
+        acc.fixed_bytes_per_seq + mtp,
         cfg.max_position_embeddings,
         shards,
         budget=(b, why),

@@ -56,7 +56,8 @@ def test_mtp_matches_hf_components():
     d = pid[:, :, None] - pid[:, None, :]
     mask = torch.where((d >= 0) & (d < cfg.sliding_window), 0.0, float("-inf"))[:, None]
     with torch.no_grad():
-        e = norms["enorm"](model.model.embed_tokens(torch.from_numpy(nxt)))
+        # §7: the token embedding is zero at position 0 (vLLM / SGLang feed the block that way)
+        e = norms["enorm"](model.model.embed_tokens(torch.from_numpy(nxt)) * (pid != 0)[..., None])
         x = (
             norms["hnorm"](x_main) @ _t(p["h_proj"]["weight"]).T
             + (e @ _t(p["e_proj"]["weight"]).T)[:, :, None]

@@ -10,9 +10,12 @@ Backends send one ``BenchRequest`` and time it:
 Metrics, per request: TTFT (send → first token-bearing chunk), ITL (gaps between
 token-bearing chunks), TPOT ((E2E − TTFT) / (output tokens − 1)), E2EL (send → last
 chunk). Aggregates: mean, p50, p90, p99 of each; request throughput, output and total
-token throughput over the wall time of the measured phase. Prefix-cache hit rate: hit /
-looked-up prompt tokens over the run, from the server's ``/metrics`` counters (or the
-engine's stats in-process).
+token throughput over the wall time of the measured phase. Engine counters over the run
+(the server's ``/metrics`` counters before and after it, or the engine thread's stats
+snapshot in-process): the prefix-cache hit rate (hit / looked-up prompt tokens) and, with
+MTP speculative decoding, the acceptance rate (accepted / verified drafts), the mean
+acceptance length (tokens emitted per verify step: accepted drafts + 1) and the acceptance
+rate per draft position (position j: accepted / verified j-th drafts of a step).
 
 Load: requests arrive as a Poisson process at ``request_rate`` (``inf``: all at once), or
 at their trace timestamps; ``max_concurrency`` caps those in flight (vLLM's semantics).
@@ -25,6 +28,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import time
 
 import numpy as np
@@ -32,6 +36,24 @@ import numpy as np
 from dsv4_jax.bench.data import BenchRequest
 
 PERCENTILES = (50, 90, 99)
+# Engine counters the benchmark reads before and after a run (the engine thread's stats keys;
+# per draft position j = 1, 2, ...: ``spec_draft_tokens_pos{j}``, ``spec_accepted_tokens_pos{j}``).
+PREFIX_KEYS = ("prefix_cache_hit_tokens", "prefix_cache_query_tokens")
+SPEC_KEYS = ("spec_draft_tokens", "spec_accepted_tokens", "spec_verify_steps")
+SPEC_POS_KEYS = ("spec_draft_tokens_pos", "spec_accepted_tokens_pos")
+# The same counters in the server's /metrics exposition (metrics.py).
+METRIC_KEYS = {
+    "dsv4_prefix_cache_hit_tokens_total": "prefix_cache_hit_tokens",
+    "dsv4_prefix_cache_query_tokens_total": "prefix_cache_query_tokens",
+    "dsv4_spec_decode_num_draft_tokens_total": "spec_draft_tokens",
+    "dsv4_spec_decode_num_accepted_tokens_total": "spec_accepted_tokens",
+    "dsv4_spec_decode_num_drafts_total": "spec_verify_steps",
+}
+METRIC_POS_KEYS = {
+    "dsv4_spec_decode_num_draft_tokens_per_pos_total": "spec_draft_tokens_pos",
+    "dsv4_spec_decode_num_accepted_tokens_per_pos_total": "spec_accepted_tokens_pos",
+}
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{position="(\d+)"\})?\s+(\S+)')
 
 
 @dataclasses.dataclass
@@ -129,20 +151,14 @@ class HttpBackend:
             res.error = "no tokens received"
         return res
 
-    async def prefix_counters(self) -> tuple[float, float] | None:
-        """(hit tokens, looked-up tokens) from /metrics, or None if the server does not export them."""
+    async def counters(self) -> dict[str, float] | None:
+        """The engine counters the server exports (``PREFIX_KEYS``, ``SPEC_KEYS``, per-position
+        ones) from /metrics, under the engine's stats keys; None if /metrics does not answer."""
         try:
             text = (await self.client.get(f"{self.base}/metrics")).text
         except Exception:  # noqa: BLE001
             return None
-        vals = {}
-        for line in text.splitlines():
-            for name in ("dsv4_prefix_cache_hit_tokens_total", "dsv4_prefix_cache_query_tokens_total"):
-                if line.startswith(name + " "):
-                    vals[name] = float(line.split()[1])
-        if len(vals) != 2:
-            return None
-        return vals["dsv4_prefix_cache_hit_tokens_total"], vals["dsv4_prefix_cache_query_tokens_total"]
+        return parse_counters(text)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -188,9 +204,14 @@ class InProcessBackend:
         res.ok = bool(last)
         return res
 
-    async def prefix_counters(self) -> tuple[float, float] | None:
+    async def counters(self) -> dict[str, float]:
+        """The engine counters of the engine thread's latest stats snapshot (0 for a disabled
+        prefix cache; positions up to the configured draft depth)."""
         s = self.engine.stats
-        return float(s.get("prefix_cache_hit_tokens", 0)), float(s.get("prefix_cache_query_tokens", 0))
+        out = {k: float(s.get(k, 0)) for k in PREFIX_KEYS + SPEC_KEYS}
+        for j in range(1, max(s.get("speculative_tokens", 0), _positions(s)) + 1):
+            out.update({f"{k}{j}": float(s.get(f"{k}{j}", 0)) for k in SPEC_POS_KEYS})
+        return out
 
     async def close(self) -> None:
         pass
@@ -237,6 +258,70 @@ async def run_load(
     return list(results), time.perf_counter() - start
 
 
+def parse_counters(text: str) -> dict[str, float]:
+    """``METRIC_KEYS`` / ``METRIC_POS_KEYS`` samples of a Prometheus exposition, by stats key."""
+    out = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m is None:
+            continue
+        name, pos, value = m.groups()
+        if pos is None and name in METRIC_KEYS:
+            out[METRIC_KEYS[name]] = float(value)
+        elif pos is not None and name in METRIC_POS_KEYS:
+            out[f"{METRIC_POS_KEYS[name]}{pos}"] = float(value)
+    return out
+
+
+def counter_delta(before: dict | None, after: dict | None) -> dict | None:
+    """``after - before`` per counter (a counter new in ``after`` started at 0)."""
+    if before is None or after is None:
+        return None
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
+
+
+def _positions(counts: dict) -> int:
+    j = 0
+    while f"{SPEC_POS_KEYS[0]}{j + 1}" in counts:
+        j += 1
+    return j
+
+
+def prefix_hit_rate(delta: dict | None) -> float | None:
+    """Prompt tokens served from the prefix cache / looked up (None: not reported)."""
+    if delta is None or any(k not in delta for k in PREFIX_KEYS):
+        return None
+    hit, query = (delta[k] for k in PREFIX_KEYS)
+    return hit / query if query else 0.0
+
+
+def spec_summary(delta: dict | None) -> dict:
+    """MTP speculative-decoding figures of a run from its counter deltas: drafts verified,
+    accepted, verify steps, the acceptance rate, the mean acceptance length and the rate per
+    draft position (a list, position 1 first). Counts are None when the engine does not report
+    them; a rate is None when no draft it divides by ran (speculative decoding off, or idle)."""
+    if delta is None or any(k not in delta for k in SPEC_KEYS):
+        return {
+            **{k: None for k in SPEC_KEYS},
+            "spec_acceptance_rate": None,
+            "spec_mean_acceptance_length": None,
+            "spec_acceptance_rate_per_position": None,
+        }
+    drafted, accepted, steps = (int(delta[k]) for k in SPEC_KEYS)
+    per_pos = []
+    for j in range(1, _positions(delta) + 1):
+        n, a = (delta.get(f"{k}{j}", 0.0) for k in SPEC_POS_KEYS)
+        per_pos.append(a / n if n else None)
+    return {
+        "spec_draft_tokens": drafted,
+        "spec_accepted_tokens": accepted,
+        "spec_verify_steps": steps,
+        "spec_acceptance_rate": accepted / drafted if drafted else None,
+        "spec_mean_acceptance_length": 1 + accepted / steps if steps else None,
+        "spec_acceptance_rate_per_position": per_pos,
+    }
+
+
 def _stats(xs: list[float]) -> dict:
     if not xs:
         return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
@@ -244,7 +329,9 @@ def _stats(xs: list[float]) -> dict:
     return {"mean": float(a.mean()), **{f"p{p}": float(np.percentile(a, p)) for p in PERCENTILES}}
 
 
-def summarize(results: list[Result], duration: float, prefix: tuple[float, float] | None = None) -> dict:
+def summarize(results: list[Result], duration: float, counters: dict | None = None) -> dict:
+    """The run's metrics; ``counters``: the engine counters' growth over the run
+    (``counter_delta``), None when the backend does not report them."""
     ok = [r for r in results if r.ok]
     n_in, n_out = sum(r.prompt_len for r in ok), sum(r.output_len for r in ok)
     tpot = [(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
@@ -261,7 +348,8 @@ def summarize(results: list[Result], duration: float, prefix: tuple[float, float
         "tpot_ms": _stats(tpot),
         "itl_ms": _stats([x for r in ok for x in r.itl]),
         "e2el_ms": _stats([r.latency for r in ok]),
-        "prefix_hit_rate": None if prefix is None else (prefix[0] / prefix[1] if prefix[1] else 0.0),
+        "prefix_hit_rate": prefix_hit_rate(counters),
+        **spec_summary(counters),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
     }
     return s
@@ -291,6 +379,17 @@ def format_summary(s: dict, title: str = "Serving Benchmark Result") -> str:
         for stat, v in s[key].items():
             label = "Mean" if stat == "mean" else ("Median" if stat == "p50" else stat.upper())
             row(f"{label} {key.split('_')[0].upper()} (ms):", "-" if v is None else f"{v:.2f}")
+    if s.get("spec_draft_tokens"):
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+        lines.append(f"{' Speculative Decoding (MTP) ':-^{w}}")
+        row("Draft tokens verified:", s["spec_draft_tokens"])
+        row("Draft tokens accepted:", s["spec_accepted_tokens"])
+        row("Verify steps:", s["spec_verify_steps"])
+        row("Acceptance rate:", pct(s["spec_acceptance_rate"]))
+        length = s["spec_mean_acceptance_length"]
+        row("Mean acceptance length (tok/step):", "-" if length is None else f"{length:.2f}")
+        for j, v in enumerate(s["spec_acceptance_rate_per_position"] or [], 1):
+            row(f"Acceptance rate, draft {j}:", pct(v))
     for e in s["errors"]:
         lines.append(f"error: {e}")
     lines.append("=" * w)

@@ -123,17 +123,24 @@ def make_llm(
     lookahead: bool = True,
     qat: bool = False,
     defaults: bool = False,
+    speculative_tokens: int | None = None,
 ):
     """``LLM`` for the benchmark. ``defaults``: what ``LLM(dir)`` serves (default profile, KV
     format, QAT mode and pool sizing; ``max_len`` only if given). Otherwise the HF comparison's
     set-up: bf16 rows, QAT rounding off unless asked (the HF port has none, so the greedy-agreement
     check compares the same math), the context capped at ``max_len``. ``held``: ``weights`` /
-    ``kernels`` / ``dtype`` (``dsv4_jax.held``)."""
+    ``kernels`` / ``dtype`` (``dsv4_jax.held``). ``speculative_tokens``: MTP drafts (the
+    HF comparison's set-up has none unless asked; ``defaults`` keeps the profile's unless given)."""
     from dsv4_jax import LLM
 
+    if speculative_tokens is None:  # the profile's with ``defaults``, none for the HF comparison
+        speculative_tokens = None if defaults else 0
+    spec = {} if speculative_tokens is None else {"speculative_tokens": speculative_tokens}
+    if speculative_tokens:  # the depth asked for at every batch size (no load adaptation)
+        spec.update(spec_full_batch=1 << 20, spec_off_batch=1 << 21)
     if defaults:
         extra = {} if max_len is None else {"max_model_len": max_len}
-        return LLM(ckpt, max_batch=max_batch, decode_lookahead=lookahead, **held, **extra)
+        return LLM(ckpt, max_batch=max_batch, decode_lookahead=lookahead, **held, **extra, **spec)
     return LLM(
         ckpt,
         **held,
@@ -146,6 +153,7 @@ def make_llm(
         num_snapshots=0,
         swa_strategy="recompute",
         decode_lookahead=lookahead,
+        **spec,
     )
 
 
@@ -158,7 +166,8 @@ def run_llm(llm, prompts: list[list[int]], new_tokens: int) -> dict:
 
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     runner = llm.engine.runner
-    step, spans = runner._step, []
+    name = "_spec" if runner.limits.max_draft_tokens else "_step"  # the jitted step this runner calls
+    step, spans = getattr(runner, name), []
 
     dispatch = []
 
@@ -171,13 +180,13 @@ def run_llm(llm, prompts: list[list[int]], new_tokens: int) -> dict:
         return out
 
     compiles = runner.compilations
-    runner._step = timed_step
+    setattr(runner, name, timed_step)
     try:
         t0 = time.monotonic()
         outs = llm.generate(prompts, sp)
         end = time.monotonic()
     finally:
-        runner._step = step
+        setattr(runner, name, step)
     first = max(o.metrics.first_token for o in outs)
     last = max(o.metrics.finished for o in outs)
     decode_s = last - first
@@ -192,8 +201,64 @@ def run_llm(llm, prompts: list[list[int]], new_tokens: int) -> dict:
         "in_compiled_step_fraction": in_step / decode_s,
         "dispatch_ms_median": 1e3 * float(np.median(dispatch)),
         "compilations": runner.compilations - compiles,
+        "steps": sum(1 for a, b in spans if a >= first and b <= last),
+        "draft_tokens": sum(o.metrics.draft_tokens for o in outs),
+        "accepted_tokens": sum(o.metrics.accepted_tokens for o in outs),
+        "mean_acceptance_length": _mean_length(outs),
         "tokens": [o.token_ids for o in outs],
     }
+
+
+def run_mtp(llm0, depths, prompts, rng, new, repeats, log, make_deep) -> dict:
+    """Decode tok/s and acceptance per batch size and MTP draft depth. ``llm0``: built without
+    drafts (depth 0, the baseline); one more engine per depth (a runner drafts at the depth it
+    was built with). Within each batch the depths run one after the other, ``repeats`` times,
+    so drift on a shared machine hits them alike."""
+    llms = {k: llm0 if k == 0 else make_deep(k) for k in depths}
+    out: dict = {}
+    for b, ps in prompts.items():
+        warm = rng.randint(2, llm0.model_config.vocab_size, (b, len(ps[0]))).tolist()
+        for k in depths:  # compile every shape first
+            run_llm(llms[k], warm, new)
+        rows: dict = {k: [] for k in depths}
+        for _ in range(repeats):
+            for k in depths:
+                rows[k].append(run_llm(llms[k], ps, new))
+        out[str(b)] = {}
+        base = max(r["decode_tok_s"] for r in rows[depths[0]])
+        for k in depths:
+            best = max(rows[k], key=lambda r: r["decode_tok_s"])
+            entry = {key: v for key, v in best.items() if key != "tokens"}
+            entry["decode_tok_s_runs"] = [r["decode_tok_s"] for r in rows[k]]
+            entry["speedup_vs_first_depth"] = best["decode_tok_s"] / base
+            entry["tokens_equal_first_depth"] = best["tokens"] == rows[depths[0]][0]["tokens"]
+            out[str(b)][str(k)] = entry
+            mal = entry["mean_acceptance_length"]
+            log(
+                f"B={b:3d} k={k}: decode {best['decode_tok_s']:.1f} tok/s ({entry['speedup_vs_first_depth']:.2f}x), "
+                f"{best['steps']} steps, mean acceptance length {mal if mal is None else round(mal, 2)}, "
+                f"accepted {best['accepted_tokens']}/{best['draft_tokens']}, "
+                f"same tokens as k={depths[0]}: {entry['tokens_equal_first_depth']}"
+            )
+    return out
+
+
+def heldout_prompts(ckpt: str, cfg, batches, plen: int) -> dict:
+    """Per batch size, rows of the demo corpus's held-out text (``Corpus.eval``, never trained
+    on), from the MTP evaluation's seed."""
+    from dsv4_jax.checkpoint import load_tokenizer
+    from dsv4_jax.train import mtp
+    from dsv4_jax.train.demo import corpus_and_tokenizer
+
+    corpus, _ = corpus_and_tokenizer(load_tokenizer(ckpt, cfg))
+    rows = mtp.heldout_rows(corpus, max(batches) * 2, plen)
+    return {b: rows[b : 2 * b].tolist() for b in batches}
+
+
+def _mean_length(outs) -> float | None:
+    """Tokens emitted per verify step over a batch (accepted drafts + 1), None without drafts."""
+    steps = sum(o.metrics.drafts_per_position[0] for o in outs if o.metrics.drafts_per_position)
+    return 1 + sum(o.metrics.accepted_tokens for o in outs) / steps if steps else None
 
 
 # ----------------------------------------------------------------------------- HF port
@@ -312,6 +377,20 @@ def run(argv=None) -> dict:
         default=True,
         help="also check greedy agreement with our engine in float32",
     )
+    ap.add_argument(
+        "--mtp",
+        default=None,
+        help="MTP draft depths to compare, e.g. 0,1,2,3: decode tok/s and acceptance per batch and depth "
+        "(one engine without drafts, one verifying the deepest; depths alternate within each batch)",
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="with --mtp: passes over the depths")
+    ap.add_argument(
+        "--prompts",
+        choices=("random", "heldout"),
+        default="random",
+        help="random token ids, or slices of the demo's held-out text (dsv4_jax.train; the demo checkpoint only): "
+        "what MTP acceptance means",
+    )
     ap.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
@@ -337,6 +416,7 @@ def run(argv=None) -> dict:
         not args.no_decode_lookahead,
         args.qat,
         args.engine_defaults,
+        speculative_tokens=0 if args.mtp is not None else None,
     )
     cfg = llm.model_config
     rss_load = rss_bytes()
@@ -347,6 +427,8 @@ def run(argv=None) -> dict:
         f"RSS {rss_load / 2**30:.2f} GiB"
     )
     prompts = {b: rng.randint(2, cfg.vocab_size, (b, plen)).tolist() for b in batches}
+    if args.prompts == "heldout":
+        prompts = heldout_prompts(ckpt, cfg, batches, plen)
     wb = weight_bytes(llm.engine.runner.params, cfg)
     bw = measure_bandwidth(args.bandwidth_mib or (64 if args.size == "tiny" else 1024))
     res: dict = {
@@ -388,6 +470,13 @@ def run(argv=None) -> dict:
         f"active weight bytes/token (batch 1): {bytes_per_step(wb, cfg, 1) / 1e6:.1f} MB; "
         f"read bandwidth {bw / 1e9:.2f} GB/s"
     )
+    if args.mtp is not None:
+        depths = sorted({int(k) for k in args.mtp.split(",")})
+        res["mtp"] = run_mtp(llm, depths, prompts, rng, new, args.repeats, log, make_deep=lambda k: make_llm(
+            ckpt, held, max_b, max_len, max_b * plen, not args.no_decode_lookahead, args.qat,
+            args.engine_defaults, speculative_tokens=k,
+        ))  # fmt: skip
+        return _finish(res, args)
     for b in batches:
         warm = rng.randint(2, cfg.vocab_size, (b, plen)).tolist()
         t = time.perf_counter()
@@ -446,6 +535,10 @@ def run(argv=None) -> dict:
         for key in ("agreement_held_vs_hf", "agreement_f32_vs_hf"):
             if key in res:
                 log(f"{key}: {res[key]}")
+    return _finish(res, args)
+
+
+def _finish(res: dict, args) -> dict:
     res["loadavg_end"] = os.getloadavg()  # other jobs on the machine skew every figure
     if args.out:
         with open(args.out, "w") as f:

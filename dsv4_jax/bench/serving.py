@@ -121,18 +121,16 @@ def make_requests(args, ids, tokenizer, input_len=None, seed=None, n=None):
 
 
 async def bench_once(backend, args, reqs, warm, concurrency) -> dict:
-    from dsv4_jax.bench.client import run_load, summarize
+    from dsv4_jax.bench.client import counter_delta, run_load, summarize
 
     if warm:
         await run_load(backend, warm, max_concurrency=concurrency)
-    before = await backend.prefix_counters()
+    before = await backend.counters()
     replay = args.dataset_name == "trace" and not math.isfinite(args.request_rate)
     results, duration = await run_load(
         backend, reqs, args.request_rate, concurrency, args.seed, replay, progress=not args.no_progress
     )
-    after = await backend.prefix_counters()
-    prefix = None if before is None or after is None else (after[0] - before[0], after[1] - before[1])
-    return summarize(results, duration, prefix)
+    return summarize(results, duration, counter_delta(before, await backend.counters()))
 
 
 async def decode_sweep(backend, args, ids) -> list[dict]:
@@ -140,6 +138,7 @@ async def decode_sweep(backend, args, ids) -> list[dict]:
     import numpy as np
 
     from dsv4_jax.bench import data as bd
+    from dsv4_jax.bench.client import PREFIX_KEYS, counter_delta, spec_summary
 
     k = args.decode_sweep_tokens
     top = (await backend.info())["max_model_len"] - k - 1
@@ -152,10 +151,11 @@ async def decode_sweep(backend, args, ids) -> list[dict]:
         ctxs.append(top)
     rows = []
     for c in ctxs:
-        before = await backend.prefix_counters()
+        before = await backend.counters()
         r = await backend.send(bd.random_requests(1, c, k, 0.0, args.seed + c, ids)[0])
-        after = await backend.prefix_counters()
-        hit = None if before is None or after is None else int(after[0] - before[0])
+        delta = counter_delta(before, await backend.counters())
+        hit = int(delta[PREFIX_KEYS[0]]) if delta and PREFIX_KEYS[0] in delta else None
+        spec = spec_summary(delta)
         itl = np.asarray(r.itl) * 1000 if r.ok and r.itl else None
         rows.append(
             {
@@ -165,15 +165,19 @@ async def decode_sweep(backend, args, ids) -> list[dict]:
                 "decode_ms_per_token": float(itl.mean()) if itl is not None else None,
                 "decode_ms_p50": float(np.median(itl)) if itl is not None else None,
                 "prefix_hit_tokens": hit,
+                "spec_acceptance_rate": spec["spec_acceptance_rate"],
+                "spec_mean_acceptance_length": spec["spec_mean_acceptance_length"],
                 "error": r.error,
             }
         )
         ms = rows[-1]["decode_ms_per_token"]
         cached = f" ({hit} prompt tokens from the prefix cache)" if hit else ""
+        length = spec["spec_mean_acceptance_length"]
+        drafts = f", {length:.2f} tokens per verify step" if length else ""
         print(
             f"  context {c:>8}: "
             + (
-                f"{ms:8.2f} ms/token ({1000 / ms:7.1f} tok/s), prefill {r.ttft:.2f} s{cached}"
+                f"{ms:8.2f} ms/token ({1000 / ms:7.1f} tok/s), prefill {r.ttft:.2f} s{cached}{drafts}"
                 if ms
                 else f"failed: {r.error}"
             ),

@@ -132,6 +132,14 @@ class LLMEngine:
         self.num_steps = 0
         self.num_prompt_tokens = 0  # tokens fed as prefill (incl. replays and recomputes)
         self.num_generated_tokens = 0
+        # MTP speculative decoding, engine-wide: drafts verified / accepted (and per draft position)
+        self.spec_counters = {
+            "draft_tokens": 0,
+            "accepted_tokens": 0,
+            "verify_steps": 0,
+            "drafts_per_position": [],
+            "accepted_per_position": [],
+        }
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -267,9 +275,36 @@ class LLMEngine:
                     continue
                 if sc.seq.seq_id not in samples:
                     raise RuntimeError(f"the runner returned no sample for sequence {sc.seq.seq_id}")
-                self._append(sc.seq, samples[sc.seq.seq_id], now)
+                out = samples[sc.seq.seq_id]
+                self._count_drafts(sc.seq.request, sc.work.num_drafts, len(out.accepted))
+                emitted = out.emitted
+                for i, o in enumerate(emitted):
+                    self._append(sc.seq, o, now)
+                    if sc.seq.request.finished:
+                        break
+                sc.seq.num_new, sc.seq.drafts = i + 1, list(out.drafts)
                 outputs.append(self._output(sc.seq.request))
         return outputs
+
+    def _count_drafts(self, req: Request, drafts: int, accepted: int) -> None:
+        """Acceptance counters of a verify step: per request (``RequestMetrics``) and engine-wide."""
+        if not drafts:
+            return
+        m, s = req.metrics, self.spec_counters
+        for counts, n in (
+            (m.drafts_per_position, drafts),
+            (m.accepted_per_position, accepted),
+            (s["drafts_per_position"], drafts),
+            (s["accepted_per_position"], accepted),
+        ):
+            counts.extend([0] * (n - len(counts)))
+            for j in range(n):
+                counts[j] += 1
+        m.draft_tokens += drafts
+        m.accepted_tokens += accepted
+        s["draft_tokens"] += drafts
+        s["accepted_tokens"] += accepted
+        s["verify_steps"] += 1
 
     def _append(self, seq: Sequence, out: SampleOut, now: float) -> None:
         req, sp, tok = seq.request, seq.request.sampling, int(out.token)
@@ -357,6 +392,16 @@ class LLMEngine:
                 lim.num_blocks - bm.num_free_blocks, lim.num_slots - bm.num_free_slots
             ),
         }
+        sc = self.spec_counters
+        s.update({f"spec_{k}": sc[k] for k in ("draft_tokens", "accepted_tokens", "verify_steps")})
+        s["spec_acceptance_rate"] = sc["accepted_tokens"] / sc["draft_tokens"] if sc["draft_tokens"] else 0.0
+        s["spec_mean_acceptance_length"] = (
+            1 + sc["accepted_tokens"] / sc["verify_steps"] if sc["verify_steps"] else 0.0
+        )
+        for j, (n, a) in enumerate(zip(sc["drafts_per_position"], sc["accepted_per_position"])):
+            s[f"spec_draft_tokens_pos{j + 1}"] = n  # steps that verified a (j+1)-th draft
+            s[f"spec_accepted_tokens_pos{j + 1}"] = a
+            s[f"spec_acceptance_rate_pos{j + 1}"] = a / n if n else 0.0
         if self.cache is not None:
             c = dataclasses.asdict(self.cache.counters)
             s.update({f"prefix_cache_{k}": v for k, v in c.items()})

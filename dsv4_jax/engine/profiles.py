@@ -39,6 +39,12 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # accelerators: share of device memory the runner may hold
     seed: int = 0  # draws the seeds of requests that gave none
     decode_lookahead: bool = True  # dispatch the next decode step before reading back this one (lookahead.py)
+    # MTP speculative decoding (runner/speculative.py, docs/PROFILES.md "Draft depth"): drafts per
+    # step at low load (0: off), full depth while at most ``spec_full_batch`` sequences run,
+    # none from ``spec_off_batch`` on, fewer in between (``draft_depth``).
+    speculative_tokens: int = 0
+    spec_full_batch: int = 4
+    spec_off_batch: int = 32
 
     def __post_init__(self):
         def bad(field, why):
@@ -59,6 +65,10 @@ class EngineConfig:
             bad("num_snapshots", f"swa_strategy={self.swa_strategy!r} keeps SWA snapshots; give it some")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             bad("gpu_memory_utilization", "must be in (0, 1]")
+        if not isinstance(self.speculative_tokens, int) or not 0 <= self.speculative_tokens <= MAX_DRAFTS:
+            bad("speculative_tokens", f"must be an integer in [0, {MAX_DRAFTS}]")
+        if not 1 <= self.spec_full_batch < self.spec_off_batch:
+            bad("spec_off_batch", f"must exceed spec_full_batch={self.spec_full_batch} >= 1")
         for f in ("max_model_len", "num_slots", "num_blocks", "kv_cache_bytes"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -72,6 +82,21 @@ class EngineConfig:
             return None
         return self.block_tokens if self.swa_strategy == "full" else self.checkpoint_interval
 
+    def draft_depth(self, running: int) -> int:
+        """Drafts per sequence for a step with ``running`` sequences (SERVING.md §2.3: SGLang
+        turns MTP off at saturation). A draft is cheap while a step is bound by reading the
+        weights, which a small batch is; as the batch fills the step turns compute-bound and a
+        rejected draft costs as much as a real token. So: ``speculative_tokens`` up to
+        ``spec_full_batch`` sequences, none from ``spec_off_batch``, and linearly fewer between."""
+        k, lo, hi = self.speculative_tokens, self.spec_full_batch, self.spec_off_batch
+        if running <= lo:
+            return k
+        if running >= hi:
+            return 0
+        return k * (hi - running) // (hi - lo)
+
+
+MAX_DRAFTS = 7  # a verify row is at most 2·7 + 1 = 15 tokens: the 16-token chunk bucket
 
 PROFILES: dict[str, EngineConfig] = {
     # Short contexts (<= 32K), interactive: small blocks so short shared prefixes still hit
@@ -85,6 +110,11 @@ PROFILES: dict[str, EngineConfig] = {
         max_model_len=32768,
         swa_strategy="full",
         num_snapshots=512,
+        # Latency first: three drafts (published acceptance plateaus near k = 3) while a step
+        # holds up to 8 sequences, none from 64.
+        speculative_tokens=3,
+        spec_full_batch=8,
+        spec_off_batch=64,
     ),
     # Mixed traffic up to 128K: snapshots every 4K tokens bound the replay on a hit to 4K
     # while storing 1/32 of what full SWA caching would.
@@ -96,6 +126,9 @@ PROFILES: dict[str, EngineConfig] = {
         swa_strategy="checkpoint",
         checkpoint_interval=4096,
         num_snapshots=256,
+        speculative_tokens=2,
+        spec_full_batch=4,
+        spec_off_batch=32,
     ),
     # Decode-heavy 100K+ work (agents, coding, research): capacity first. No SWA storage at
     # all; a hit replays window × layers tokens (5,504 for Flash) over cached compressed
@@ -108,6 +141,10 @@ PROFILES: dict[str, EngineConfig] = {
         max_model_len=None,
         swa_strategy="recompute",
         num_snapshots=0,
+        # Few, long sequences: one draft, off once half the batch runs.
+        speculative_tokens=1,
+        spec_full_batch=2,
+        spec_off_batch=8,
     ),
 }
 DEFAULT_PROFILE = "balanced"
@@ -344,6 +381,18 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         ("kv-format", str),
     ):
         g.add_argument(f"--{name}", type=typ, default=None)
+    g.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=None,
+        help="MTP drafts per step at low load, 0 = off (default: the profile's; docs/PROFILES.md)",
+    )
+    g.add_argument(
+        "--spec-full-batch", type=int, default=None, help="running sequences up to which all drafts run"
+    )
+    g.add_argument(
+        "--spec-off-batch", type=int, default=None, help="running sequences from which no draft runs"
+    )
     g.add_argument("--no-prefix-cache", action="store_true")
     g.add_argument(
         "--no-decode-lookahead",
@@ -365,6 +414,9 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         "kv_cache_bytes",
         "gpu_memory_utilization",
         "kv_format",
+        "speculative_tokens",
+        "spec_full_batch",
+        "spec_off_batch",
     )
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "no_prefix_cache", False):

@@ -64,6 +64,23 @@ class RequestMetrics:
     first_token: float | None = None
     finished: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)  # one per sampled token
+    # MTP speculative decoding: drafts verified and accepted for this request, and per draft
+    # position (1st, 2nd, ... draft of a step) how many were verified and accepted.
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    drafts_per_position: list[int] = dataclasses.field(default_factory=list)
+    accepted_per_position: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted drafts / verified drafts (None before any draft)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        """Tokens emitted per verify step (accepted drafts + 1), over the steps that verified drafts."""
+        steps = self.drafts_per_position[0] if self.drafts_per_position else 0
+        return 1 + self.accepted_tokens / steps if steps else None
 
     @property
     def ttft(self) -> float | None:
@@ -132,6 +149,11 @@ class Sequence:
     restore_snapshot: int | None = None
     fresh: bool = True  # the next work is the first in this slot
     wait_reason: str = ""  # why it is not admitted yet (for stats and error messages)
+    # MTP speculative decoding: the drafts proposed for the positions after ``tokens``, and how
+    # many tokens the last sample appended (a verify step emits accepted drafts + 1; all of
+    # them are then fed, and written to the state, by the next decode work).
+    drafts: list[int] = dataclasses.field(default_factory=list)
+    num_new: int = 1
 
     @property
     def prompt_len(self) -> int:
@@ -144,7 +166,7 @@ class Sequence:
 
     @property
     def is_decoding(self) -> bool:
-        return self.num_remaining == 1 and len(self.tokens) > self.prompt_len
+        return 1 <= self.num_remaining <= self.num_new and len(self.tokens) > self.prompt_len
 
     def __repr__(self) -> str:
         return (

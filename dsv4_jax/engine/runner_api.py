@@ -64,6 +64,18 @@ class SeqWork:
     # the tokens at positions [0, start) the runner will not see, so it can seed the penalty
     # tables (positions >= prompt_len are outputs). None on every other work.
     prior_tokens: list[int] | None = None
+    # MTP speculative decoding (runner/speculative.py; a runner built with speculative_tokens):
+    # the last ``num_drafts`` of ``tokens`` are drafts to verify, not the sequence's yet;
+    # ``want_drafts``: drafts to propose for the next step (0: none); ``next_token``: on a work
+    # that does not sample, the token after its last one (the MTP block's input there).
+    num_drafts: int = 0
+    want_drafts: int = 0
+    next_token: int | None = None
+
+    @property
+    def num_known(self) -> int:
+        """Tokens of this work that are the sequence's (written to the state)."""
+        return len(self.tokens) - self.num_drafts
 
 
 @dataclasses.dataclass
@@ -76,6 +88,15 @@ class SampleOut:
     token: int
     logprob: float | None = None  # of the chosen token, raw model distribution
     top_logprobs: list[tuple[int, float]] | None = None
+    # Speculative decoding: the drafts this work verified and accepted, emitted before
+    # ``token`` (each with its own logprobs), and the drafts proposed for the next step.
+    accepted: list[SampleOut] = dataclasses.field(default_factory=list)
+    drafts: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def emitted(self) -> list[SampleOut]:
+        """Every token this work emitted, in order: the accepted drafts, then ``token``."""
+        return [*self.accepted, self]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +120,7 @@ class RunnerLimits:
     # are split into this many equal contiguous ranges, and a sequence may only use blocks from
     # its slot's range (its pools live on that shard's devices). 1 on a single device.
     num_seq_shards: int = 1
+    max_draft_tokens: int = 0  # MTP drafts per step the runner verifies (0: no speculative decoding)
 
     def __post_init__(self):
         s = self.num_seq_shards

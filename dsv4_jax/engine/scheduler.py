@@ -59,7 +59,7 @@ from dsv4_jax.intmath import cdiv
 class Scheduled:
     seq: Sequence
     work: SeqWork
-    end: int  # positions [0, end) are in the state once the step ran
+    end: int  # positions [0, end) are in the state once the step ran (drafts never are)
     snapshot: int | None  # snapshot id the runner saves at ``end``
     decode: bool  # one generated token (not a prefill chunk or a recompute of outputs)
 
@@ -122,6 +122,7 @@ class Scheduler:
         self._free_state(seq)
         seq.num_computed = seq.num_registered = seq.cached_until = seq.state_start = 0
         seq.restore_snapshot, seq.fresh = None, True
+        seq.drafts, seq.num_new = [], 1
         seq.request.num_preemptions += 1
         self.num_preemptions += 1
         self.add(seq)
@@ -132,10 +133,14 @@ class Scheduler:
         budget, batch = self.limits.max_tokens_per_step, self.limits.max_batch
         taken: set[int] = set()
         preempted = False
+        # MTP drafts: how many each sequence proposes for the next step, from the load now
+        want = min(
+            self.limits.max_draft_tokens, self.config.draft_depth(len(self.running) + len(self.waiting))
+        )
 
-        def take(seq: Sequence) -> None:
+        def take(seq: Sequence, drafts: int = 0) -> None:
             nonlocal budget, batch
-            sc = self._chunk(seq, budget)
+            sc = self._chunk(seq, budget, drafts, want)
             out.append(sc)
             taken.add(seq.seq_id)
             budget -= len(sc.work.tokens)
@@ -148,10 +153,15 @@ class Scheduler:
                 break
             if seq.slot is None or not seq.is_decoding:
                 continue
-            if not self._grow(seq, len(seq.tokens), taken):
+            k = self._drafts(seq, budget)
+            if k and cdiv(len(seq.tokens) + k, self.bt) - len(seq.block_ids) > self.bm.available_blocks(
+                self.limits.slot_shard(seq.slot)
+            ):
+                k = 0  # drafts never preempt anyone
+            if not self._grow(seq, len(seq.tokens) + k, taken):
                 preempted = True
                 continue
-            take(seq)
+            take(seq, k)
         for seq in list(self.running):  # 2. prefill chunks of admitted sequences
             if not (budget and batch):
                 break
@@ -188,9 +198,23 @@ class Scheduler:
             seq.block_ids += self.bm.allocate(need, shard)
         return True
 
-    def _chunk(self, seq: Sequence, budget: int) -> Scheduled:
+    def _drafts(self, seq: Sequence, budget: int) -> int:
+        """How many of ``seq``'s pending MTP drafts its decode verifies: all that fit the token
+        budget, the context limit (a draft's position must exist) and ``max_tokens`` (a step
+        emits at most drafts + 1 tokens)."""
+        req = seq.request
+        room = min(
+            budget - seq.num_remaining,
+            self.max_model_len - len(seq.tokens),
+            req.sampling.max_tokens - len(req.output_token_ids) - 1,
+        )
+        return max(0, min(len(seq.drafts), room))
+
+    def _chunk(self, seq: Sequence, budget: int, drafts: int = 0, want: int = 0) -> Scheduled:
         """The next work of ``seq``: up to ``budget`` tokens, cut at the hit point during a
-        replay and at the first snapshot boundary that needs a snapshot."""
+        replay and at the first snapshot boundary that needs a snapshot; a decode carries its
+        first ``drafts`` pending drafts (verified after its known tokens) and asks for ``want``
+        new ones."""
         s = seq.num_computed
         end = min(len(seq.tokens), s + budget)
         if s < seq.cached_until:
@@ -210,13 +234,15 @@ class Scheduler:
                 b += self.interval
         req = seq.request
         replay = s < seq.cached_until
+        sample = end == len(seq.tokens)
+        drafts = seq.drafts[:drafts] if sample else []
         work = SeqWork(
             seq_id=seq.seq_id,
             slot=seq.slot,
             block_ids=list(seq.block_ids),
-            tokens=seq.tokens[s:end],
+            tokens=seq.tokens[s:end] + drafts,
             start=s,
-            sample=end == len(seq.tokens),
+            sample=sample,
             sampling=req.sampling,
             sample_index=len(req.output_token_ids),
             seed=req.seed,
@@ -227,6 +253,12 @@ class Scheduler:
             save_snapshot=snap,
             fresh=seq.fresh,
             prior_tokens=seq.tokens[:s] if seq.fresh and s > 0 else None,
+            num_drafts=len(drafts),
+            # drafts past max_tokens would never be emitted (this step emits at least one token)
+            want_drafts=min(want, max(0, req.sampling.max_tokens - len(req.output_token_ids) - 2))
+            if sample
+            else 0,
+            next_token=None if sample else seq.tokens[end],
         )
         return Scheduled(seq, work, end, snap, seq.is_decoding)
 

@@ -13,6 +13,13 @@ Per layer, in order:
 Rows that do not exist for the sequence (ring rows before ``state_start``, pool entries
 past its length, padding tokens) are masked, and never read into a dot, so a stale or
 poisoned slot can never leak into the output.
+
+Speculative verification (``meta.commit`` < ``lengths``): the draft tokens past ``commit``
+are attended to as chunk rows but write no ring row and no tail row. Compressed entries they
+complete are written to the pools, because the chunk's later queries read them there; such an
+entry sits at a position past the committed length, which no query of a later step reads
+before the step that feeds that position again recomputes it from committed tokens (every
+chunk rewrites the entries it completes). docs/ENGINE.md "MTP" has the whole argument.
 """
 
 from __future__ import annotations
@@ -48,11 +55,22 @@ def _write_entries(
     return kvc.put_rows(pool, (blk, entries.index % per_block), enc(entries.rows))
 
 
-def write_window(ring, kv_enc, slots, positions, lengths, window: int):
-    """Store the chunk's rows in the ring; only the last W valid tokens, so indices are unique."""
+def ring_rows(lengths, commit):
+    """How many leading tokens of each row write their K=V rows into the ring: the committed
+    ones, never a draft under verification (module doc)."""
+    del lengths
+    return commit
+
+
+def write_window(ring, kv_enc, slots, positions, commit, window: int):
+    """Store the chunk's committed rows (the first ``commit`` i32[B] tokens) in the ring; only
+    the last W of them, so indices are unique. A draft token's row never enters the ring: the
+    j-th draft after the committed tokens (position n + j) would overwrite the row of position
+    n + j − W, which the next step's first query (position n, window n − W + 1 .. n) still
+    reads for every j ≥ 1 if the draft is rejected."""
     t = positions.shape[1]
     tok = jnp.arange(t)[None, :]
-    keep = (tok < lengths[:, None]) & (tok >= lengths[:, None] - window)
+    keep = (tok < commit[:, None]) & (tok >= commit[:, None] - window)
     row = jnp.where(keep, positions % window, window)  # out of range: dropped
     return kvc.put_rows(ring, (jnp.broadcast_to(slots[:, None], row.shape), row), kv_enc)
 
@@ -83,6 +101,7 @@ def attention_chunk(
     zero = jnp.zeros_like(start)
     state_start = zero if meta.state_start is None else meta.state_start
     cached_until = zero if meta.cached_until is None else meta.cached_until
+    commit = lengths if meta.commit is None else meta.commit
     c_q, q = attention.project_q(x, p, positions, cfg, compressed, sim_quant=sim_quant)
     kv = attention.project_kv(x, p, positions, cfg, compressed, sim_quant=sim_quant)
     new: dict = {}
@@ -100,6 +119,7 @@ def attention_chunk(
                 ratio,
                 cfg,
                 state_start=state_start,
+                commit=commit,
                 sim_quant=sim_quant,
             )
             new["tail"] = kvc.put_rows(st.tail, (slots,), _after(tail, ent))
@@ -119,6 +139,7 @@ def attention_chunk(
                     ratio,
                     cfg,
                     state_start=state_start,
+                    commit=commit,
                     indexer=True,
                     sim_quant=sim_quant,
                 )
@@ -152,7 +173,12 @@ def attention_chunk(
         )  # [B,T,H,K]
     out = attention.output_proj(o, p, positions, cfg, compressed, sim_quant=sim_quant)  # [B,T,D]
     new["window"] = write_window(
-        st.window, kvc.encode_main(_after(kv, out), cfg, cc), slots, positions, lengths, cfg.sliding_window
+        st.window,
+        kvc.encode_main(_after(kv, out), cfg, cc),
+        slots,
+        positions,
+        ring_rows(lengths, commit),
+        cfg.sliding_window,
     )
     return out, dataclasses.replace(st, **new)
 

@@ -14,6 +14,7 @@ and that has its own HC head and final norm (§7).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels as pk
@@ -78,9 +79,11 @@ class MTPBlock(Block):
         self.norm = RMSNorm(d, "embed", rngs)
         self.hc_head = HCHead(cfg, rngs)
 
-    def inputs(self, x_main, embedded, cfg: Config, sim_quant: bool):
+    def inputs(self, x_main, embedded, positions, cfg: Config, sim_quant: bool):
         """The block's input streams [B,T,n,D] from the main model's streams before its HC head
-        and the embedding of token t+1 [B,T,D]."""
+        and the embedding of token t+1 [B,T,D]. The embedding is zero at position 0, as vLLM
+        and SGLang feed DeepSeek's MTP (ARCHITECTURE.md §7): the block was trained that way."""
+        embedded = jnp.where((positions == 0)[..., None], 0.0, embedded).astype(embedded.dtype)
         e = ops.rms_norm(embedded, self.enorm.weight[...], cfg.rms_norm_eps)
         hm = ops.rms_norm(x_main, self.hnorm.weight[...], cfg.rms_norm_eps)
         return (

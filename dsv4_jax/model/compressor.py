@@ -145,6 +145,7 @@ def compress_chunk(
     cfg: Config,
     *,
     state_start: jax.Array | None = None,
+    commit: jax.Array | None = None,
     indexer: bool = False,
     sim_quant: bool = False,
 ):
@@ -159,6 +160,8 @@ def compress_chunk(
     from E. Rows at positions below ``state_start`` i32[B] (default 0) are the
     start-of-sequence value (k = 0, g = −∞), so a recycled slot's stale tail is never
     read; a prefix-cache replay passes its first position there.
+    ``commit`` i32[B] (default ``lengths``): the new tail is cut after the first ``commit``
+    tokens, so draft tokens under verification complete entries but never enter the tail.
     Returns ``(ChunkEntries, new_tail)``.
     """
     m = ratio
@@ -195,9 +198,10 @@ def compress_chunk(
         cg = jnp.concatenate([pg[..., :dim], cg[..., dim:]], axis=2)
     rows = finish(pool(ck, cg), p, w * m, cfg, x.dtype, indexer=indexer, sim_quant=sim_quant)
 
-    new_base = (end // m - 1 if overlap else end // m) * m
+    kept = end if commit is None else start + commit  # the tail stands after the committed tokens
+    new_base = (kept // m - 1 if overlap else kept // m) * m
     tail_pos = new_base[:, None] + jnp.arange(r)  # i32[B,R]
     tk, tg = rows_at(tail_pos)
-    keep = (tail_pos < end[:, None])[..., None]
+    keep = (tail_pos < kept[:, None])[..., None]
     new_tail = Tail(jnp.where(keep, tk, 0.0), jnp.where(keep, tg, -jnp.inf))
     return ChunkEntries(rows, w, valid), new_tail

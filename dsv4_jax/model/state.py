@@ -75,6 +75,7 @@ class CacheConfig:
     block_tokens: int = 256
     fmt: KVFormat = KVFormat()
     dtype: Any = jnp.bfloat16  # dense storage dtype
+    mtp_layers: int = 0  # MTP blocks whose SWA windows the state holds (speculative decoding)
 
     def validate(self, cfg: Config) -> None:
         ratios = {r for r in cfg.compress_ratios if r}
@@ -102,6 +103,11 @@ class StepMeta(NamedTuple):
     slot is fresh, the replay starts there); ``cached_until`` i32[B]: compressed entries
     covering positions below it come from the shared cache and are never rewritten.
     ``None`` means 0 for every row (an ordinary sequence).
+
+    For speculative decoding (docs/ENGINE.md "MTP"): ``commit`` i32[B]: only the first
+    ``commit`` tokens of each row are known to be the sequence's; their window and tail rows
+    are written. The rest (draft tokens under verification) are attended to inside the chunk
+    and never enter the ring or a tail. ``None`` means ``lengths`` (every token commits).
     """
 
     slots: jax.Array
@@ -109,6 +115,7 @@ class StepMeta(NamedTuple):
     lengths: jax.Array
     state_start: jax.Array | None = None
     cached_until: jax.Array | None = None
+    commit: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- typed state
@@ -162,7 +169,8 @@ LayerState = SWAState | HCAState | CSAState
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
-    """Every main layer's state, in layer order (or an SWA snapshot store of the same shape)."""
+    """Every main layer's state, in layer order, then the MTP blocks' windows when the cache
+    config holds them (``CacheConfig.mtp_layers``); or an SWA snapshot store of the same shape."""
 
     layers: list
 
@@ -291,6 +299,8 @@ def init_state(cfg: Config, cc: CacheConfig, *, poison: bool = False) -> DecodeS
         idx = alloc_index((cc.num_blocks, cc.block_tokens // m), cfg, cc, poison)
         itail = _tail(cc.num_slots, tail_rows(cfg, m), 2 * cfg.index_head_dim, poison)
         layers.append(CSAState(window, cmp, tail, idx, itail))
+    for _ in range(cc.mtp_layers):  # §7: the MTP block is SWA-only; its ring follows the main ones
+        layers.append(SWAState(alloc_main((cc.num_slots, cfg.sliding_window), cfg, cc, poison)))
     return DecodeState(layers)
 
 

@@ -146,7 +146,10 @@ def forward_streams(
         new_layers.append(st)
         if layer_taps is not None:
             layer_taps.append(x)
-    return x, (None if state is None else dataclasses.replace(state, layers=new_layers))
+    if state is None:
+        return x, None
+    # the MTP blocks' windows (``CacheConfig.mtp_layers``) follow the main layers, untouched here
+    return x, dataclasses.replace(state, layers=new_layers + state.layers[len(new_layers) :])
 
 
 def head_logits(x, hc_head: mhc.HCHead, norm: RMSNorm, head: Linear, cfg: Config):
@@ -192,6 +195,49 @@ def forward(
     return head_logits(x, model.hc_head, model.norm, model.head, cfg), state
 
 
+def mtp_streams(
+    params,
+    x_main,
+    next_tokens,
+    positions,
+    cfg: Config,
+    opts: ModelOptions = ModelOptions(),
+    state=None,
+    meta: kvc.StepMeta | None = None,
+    cache: kvc.CacheConfig | None = None,
+    depth: int = 0,
+):
+    """The MTP block's output streams [B,T,n,D] (pre-HC-head) and, with a decode state, the
+    state with its window advanced (§7). ``state`` is the whole ``DecodeState``; the block's
+    window is ``state.layers[num_hidden_layers + depth]`` and runs through the same
+    ``attention_chunk`` as a main SWA layer (``meta.commit`` rows written)."""
+    model = as_model(params, cfg)
+    blk = model.mtp[depth]
+    x = blk.inputs(x_main, model.embed(next_tokens), positions, cfg, opts.sim_quant)
+    at = cfg.num_hidden_layers + depth
+    st = None if state is None else state.layers[at]
+    with jax.named_scope(f"mtp{depth}"):
+        x, st = blk(x, next_tokens, positions, cfg, opts, st, meta, cache)
+    if state is None:
+        return x, None
+    layers = list(state.layers)
+    layers[at] = st
+    return x, dataclasses.replace(state, layers=layers)
+
+
+def mtp_logits(params, x, cfg: Config, depth: int = 0):
+    """Draft logits f32[B,T,V] from MTP streams [B,T,n,D]: its HC head and norm, the shared head."""
+    model = as_model(params, cfg)
+    blk = model.mtp[depth]
+    return head_logits(x, blk.hc_head, blk.norm, model.head, cfg)
+
+
+def main_logits(params, x, cfg: Config):
+    """Logits f32[B,T,V] from the main model's final streams [B,T,n,D]."""
+    model = as_model(params, cfg)
+    return head_logits(x, model.hc_head, model.norm, model.head, cfg)
+
+
 def mtp_forward(
     params, x_main, next_tokens, positions, cfg: Config, opts: ModelOptions = ModelOptions(), depth: int = 0
 ):
@@ -201,9 +247,5 @@ def mtp_forward(
     i32[B,T]: token t+1 at each position. Returns (logits f32[B,T,V], streams) where
     the streams (pre-HC-head) can feed a further draft step.
     """
-    model = as_model(params, cfg)
-    blk = model.mtp[depth]
-    x = blk.inputs(x_main, model.embed(next_tokens), cfg, opts.sim_quant)
-    with jax.named_scope(f"mtp{depth}"):
-        x, _ = blk(x, next_tokens, positions, cfg, opts)
-    return head_logits(x, blk.hc_head, blk.norm, model.head, cfg), x
+    x, _ = mtp_streams(params, x_main, next_tokens, positions, cfg, opts, depth=depth)
+    return mtp_logits(params, x, cfg, depth), x

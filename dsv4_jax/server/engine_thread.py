@@ -98,7 +98,14 @@ class AsyncEngine:
         self._deadline: float | None = None
         self.dead: BaseException | None = None
         lim = engine.limits
-        self._extra = {"slots_total": lim.num_slots, "snapshots_total": lim.num_snapshots}
+        self._extra = {
+            "slots_total": lim.num_slots,
+            "snapshots_total": lim.num_snapshots,
+            # MTP draft positions a step can verify (the profile's depth, if the runner drafts)
+            "speculative_tokens": min(
+                getattr(engine.config, "speculative_tokens", 0), getattr(lim, "max_draft_tokens", 0)
+            ),
+        }
         self.baseline = self._snapshot()  # warm-up traffic happened before this
         self.stats = dict(self.baseline)
         if metrics is not None:

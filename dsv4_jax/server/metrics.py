@@ -5,15 +5,24 @@ Two kinds of source, each read on the thread that owns it:
 * per-request events, recorded by the engine thread as requests are admitted, produce
   tokens and finish (counters and the TTFT / inter-token / end-to-end histograms, from the
   engine's own timestamps in ``RequestMetrics``, which the final ``RequestOutput`` carries);
-* engine gauges (running / waiting sequences, pool usage, prefix-cache counters), copied
-  from the snapshot of ``LLMEngine.stats()`` the engine thread publishes after its steps, when
-  a scrape arrives. The HTTP side never calls into the engine: it is not thread-safe.
+* engine gauges (running / waiting sequences, pool usage, prefix-cache and MTP
+  speculative-decoding counters), copied from the snapshot of ``LLMEngine.stats()`` the
+  engine thread publishes after its steps, when a scrape arrives. The HTTP side never calls
+  into the engine: it is not thread-safe.
 
 Pools: ``blocks`` is the paged compressed state (one logical block covers every layer's
 CSA rows, indexer keys and HCA rows for ``block_tokens`` positions), ``slots`` the
 per-sequence SWA windows and compressor tails, ``snapshots`` the saved SWA windows of the
 ``full`` / ``checkpoint`` strategies. With the model's byte accounting, the bytes held in
 each compressed pool are exported too (``csa_main``, ``csa_index``, ``hca_main``).
+
+MTP speculative decoding uses vLLM's ``spec_decode_*`` names: ``num_drafts`` counts verify
+steps (a sequence's decode step that checked at least one draft), ``num_draft_tokens`` and
+``num_accepted_tokens`` the drafts checked and accepted; the ``_per_pos`` series split them by
+draft position, numbered from 1 (vLLM's from 0). Unlike vLLM, the drafts checked are counted
+per position too: the load-adaptive depth (``EngineConfig.draft_depth``) checks later positions
+in fewer steps than the first, so each position's acceptance rate has its own denominator. The
+mean acceptance length is tokens emitted per verify step (accepted drafts + 1).
 
 Each server builds its own ``CollectorRegistry``, so several servers in one process (tests)
 do not collide.
@@ -232,3 +241,59 @@ class _EngineCollector:
             fam = CounterMetricFamily(f"{p}_{name}", doc)
             fam.add_metric([], value)
             yield fam
+        yield from self._speculative(stats, since)
+
+    def _speculative(self, stats, since):
+        """MTP speculative decoding, since the server opened: drafts verified and accepted, in
+        all and per draft position, and the rates derived from them (0 before any draft)."""
+        p = PREFIX
+        drafted, accepted = since("spec_draft_tokens"), since("spec_accepted_tokens")
+        steps = since("spec_verify_steps")
+        for name, doc, value in (
+            ("spec_decode_num_drafts", "Verify steps: a sequence's decode steps that checked drafts", steps),
+            ("spec_decode_num_draft_tokens", "Draft tokens verified", drafted),
+            ("spec_decode_num_accepted_tokens", "Draft tokens accepted", accepted),
+        ):
+            fam = CounterMetricFamily(f"{p}_{name}", doc)
+            fam.add_metric([], value)
+            yield fam
+        yield GaugeMetricFamily(
+            f"{p}_spec_decode_acceptance_rate",
+            "Draft tokens accepted / verified",
+            value=accepted / drafted if drafted else 0.0,
+        )
+        yield GaugeMetricFamily(
+            f"{p}_spec_decode_mean_acceptance_length",
+            "Tokens emitted per verify step (accepted drafts + 1)",
+            value=1 + accepted / steps if steps else 0.0,
+        )
+        # Positions 1..k: the configured depth (the snapshot's), or as many as have counts.
+        k = stats.get("speculative_tokens", 0)
+        while f"spec_draft_tokens_pos{k + 1}" in stats:
+            k += 1
+        if not k:
+            return
+        per_pos = [
+            (since(f"spec_draft_tokens_pos{j}"), since(f"spec_accepted_tokens_pos{j}"))
+            for j in range(1, k + 1)
+        ]
+        n_fam = CounterMetricFamily(
+            f"{p}_spec_decode_num_draft_tokens_per_pos",
+            "Verify steps that checked a draft at this position (1: the first draft of a step)",
+            labels=["position"],
+        )
+        a_fam = CounterMetricFamily(
+            f"{p}_spec_decode_num_accepted_tokens_per_pos",
+            "Drafts accepted at this position",
+            labels=["position"],
+        )
+        r_fam = GaugeMetricFamily(
+            f"{p}_spec_decode_acceptance_rate_per_pos",
+            "Drafts accepted / verified at this position",
+            labels=["position"],
+        )
+        for j, (n, a) in enumerate(per_pos, 1):
+            n_fam.add_metric([str(j)], n)
+            a_fam.add_metric([str(j)], a)
+            r_fam.add_metric([str(j)], a / n if n else 0.0)
+        yield from (n_fam, a_fam, r_fam)

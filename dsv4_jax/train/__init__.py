@@ -4,5 +4,7 @@
 its tokenizer and the needle-in-a-haystack samples; ``loss``: next-token cross-entropy under
 the sparse (top-k) selection, plus the lightning indexer's KL loss towards the main
 attention (docs/NEEDLE.md), with the checkpoint's FP8 / MXFP4 weight rounding simulated;
-``demo``: the curriculum (``PHASES``), the optimizer and the export, the main of the script.
+``mtp``: the MTP phase (the main model frozen, the MTP block learns to draft token t+2) and
+the draft agreement on held-out text; ``demo``: the curriculum (``PHASES``), the optimizer and
+the export, the main of the script.
 """

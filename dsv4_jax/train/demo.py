@@ -2,6 +2,7 @@
 
     python scripts/train_demo.py [--out checkpoints/demo] [--seed 0] [--log train_log.jsonl]
     python scripts/train_demo.py --tiny --out /tmp/x     # a 2-minute smoke run
+    python scripts/train_demo.py --mtp-only [--init checkpoints/demo] [--out checkpoints/demo]
 
 Every layer kind of the demo config (``dsv4_jax.checkpoint.demo.DEMO``: SWA, CSA m=4 with a
 top-16 lightning indexer, HCA m=128, window 128) trains on CPU with jax + optax, deterministic
@@ -12,8 +13,12 @@ strings (the copy signal from which induction heads grow). The curriculum (``PHA
 with short contexts and a dense indexer (top-k = every entry) so the main attention learns to
 read the needle, helped by the retrieval hint (``loss.retrieval_hint``), while the indexer
 learns from it by its KL loss; then the configured top-16 sparse selection at 1-2K tokens, and
-at 4K and 8K (each restarting the learning rate). The default run is the shipped checkpoint:
-1,970 steps, ~48 min on 2 CPU cores. docs/NEEDLE.md says how it trains and what it measures.
+at 4K and 8K (each restarting the learning rate): 1,970 steps, ~48 min on 2 CPU cores (the
+shipped main weights). Then the MTP phase (``dsv4_jax.train.mtp``, 660 steps, ~13 min): the
+main model frozen, the MTP block learns to draft token t+2. ``--mtp-only`` runs that phase alone
+on a saved checkpoint (``--init``; how the shipped MTP block was trained) and writes the whole
+checkpoint again, every main tensor unchanged. docs/NEEDLE.md says how it trains and what it
+measures.
 Weights are rounded as stored (FP8 / MXFP4, straight-through), then quantized into the
 published safetensors format with the tokenizer (``dsv4_jax.checkpoint.demo.build``).
 The float params are saved to ``--state`` every ``--save-every`` steps; ``--export STATE``
@@ -35,10 +40,12 @@ import optax
 from tqdm import tqdm
 
 from dsv4_jax.checkpoint import demo as mdc
+from dsv4_jax.checkpoint import load_checkpoint, load_tokenizer
 from dsv4_jax.config import Config
 from dsv4_jax.model.params import init_params, to_native
 from dsv4_jax.train import data
 from dsv4_jax.train import loss as L
+from dsv4_jax.train import mtp as M
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +99,11 @@ def schedule(phases, lr: float):
     return optax.join_schedules(fns, bounds) if bounds else fns[0]
 
 
-def corpus_and_tokenizer():
-    text = data.stdlib_text()
-    tok = mdc.train_tokenizer(mdc.CORPUS.splitlines() + text.splitlines())
+def corpus_and_tokenizer(tok=None):
+    """The training corpus, tokenized by ``tok`` (default: a BPE learned from the same text)."""
+    if tok is None:
+        text = data.stdlib_text()
+        tok = mdc.train_tokenizer(mdc.CORPUS.splitlines() + text.splitlines())
     return data.Corpus.build(tok, extra_text=mdc.CORPUS * 20), tok
 
 
@@ -103,6 +112,50 @@ def export(params, cfg: Config, tok, out: str) -> None:
     in the published layout."""
     native = to_native(params)
     mdc.build(out, cfg, L.quantized_float_params(native, L.storage_formats(cfg)), tok)
+
+
+def save_state(params, path: str) -> None:
+    """The float params (native tree) as ``--state`` holds them: ``--export`` / ``--resume`` read it."""
+    np.savez(path, **{f"a{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))})
+
+
+def train_mtp(params, cfg: Config, corpus, phases, args, log) -> dict:
+    """The MTP phase on native ``params`` (``dsv4_jax.train.mtp.train``), with a progress bar and
+    the held-out agreement at the end (printed and logged)."""
+    t0 = time.time()
+    bar = tqdm(total=sum(p.steps for p in phases), desc="mtp", dynamic_ncols=True)
+
+    def progress(m):
+        if bar.n % 10 == 0:
+            bar.set_postfix(ce=float(m["mtp_loss"]), acc=float(m["mtp_acc"]), agree=float(m["mtp_agree"]))
+        bar.update(1)
+
+    params = M.train(params, cfg, corpus, phases, seed=args.seed, lr=args.mtp_lr, log=log, progress=progress)
+    bar.close()
+    rep = M.heldout_report(params, cfg, corpus)
+    log.write(json.dumps({"mtp_heldout": rep, "mtp_time_s": round(time.time() - t0, 1)}) + "\n")
+    log.flush()
+    for name, r in rep.items():
+        print(
+            f"MTP held-out {name}: agrees with the main greedy token {r['agree_main']:.3f}, "
+            f"true token t+2 {r['acc_true']:.3f} (main model's own {r['main_acc']:.3f}), "
+            f"{r['positions']} positions"
+        )
+    print(f"MTP phase: {sum(p.steps for p in phases)} steps in {time.time() - t0:.0f} s")
+    return params
+
+
+def mtp_only(args) -> int:
+    """``--mtp-only``: load ``--init``, train its MTP block, write the whole checkpoint to ``--out``."""
+    cfg, params = load_checkpoint(args.init, jnp.float32)
+    tok = load_tokenizer(args.init, cfg)
+    corpus, _ = corpus_and_tokenizer(tok)
+    phases = M.MTP_TINY if args.tiny else M.MTP_PHASES
+    with open(args.log, "w") as log:
+        params = train_mtp(to_native(params), cfg, corpus, phases, args, log)
+    export(params, cfg, tok, args.out)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -122,7 +175,16 @@ def main(argv=None) -> int:
         "--lr", type=float, default=LR, help="peak learning rate (warmup, then cosine to a tenth)"
     )
     ap.add_argument("--tiny", action="store_true", help="a few steps of each shape (smoke test)")
+    ap.add_argument(
+        "--mtp-only",
+        action="store_true",
+        help="train only the MTP block of the checkpoint --init (main weights frozen) and write it to --out",
+    )
+    ap.add_argument("--init", default=os.path.join(mdc.ROOT, "checkpoints", "demo"), help="for --mtp-only")
+    ap.add_argument("--mtp-lr", type=float, default=M.MTP_LR, help="peak learning rate of the MTP phase")
     args = ap.parse_args(argv)
+    if args.mtp_only:
+        return mtp_only(args)
 
     cfg = Config(**mdc.DEMO)
     corpus, tok = corpus_and_tokenizer()
@@ -188,11 +250,13 @@ def main(argv=None) -> int:
                     lm=m["lm"], ans=m["answer"], kl=m["kl"], hint=m["hint"], acc=m["answer_acc"], L=ph.length
                 )
             if k % args.save_every == 0 or k == total:
-                leaves = jax.tree.leaves(L.merge(trainable, frozen))
-                np.savez(args.state, **{f"a{i}": np.asarray(x) for i, x in enumerate(leaves)})
+                save_state(L.merge(trainable, frozen), args.state)
             bar.update(1)
     bar.close()
-    params = L.merge(trainable, frozen)
+    params = train_mtp(
+        L.merge(trainable, frozen), cfg, corpus, M.MTP_TINY if args.tiny else M.MTP_PHASES, args, log
+    )
+    save_state(params, args.state)
     export(params, cfg, tok, args.out)
     print(f"trained {total} steps in {time.time() - t0:.0f} s; wrote {args.out}")
     return 0

@@ -21,6 +21,13 @@ block that is shared or published in the prefix cache (checked against the engin
 manager), a rewrite below ``cached_until``, a read of a block that does not hold this
 history, a sample or snapshot from a window rebuilt by a replay shorter than window·num_layers,
 and a step over the token budget or batch limit.
+
+MTP speculative decoding (``make_engine(speculative_tokens=k)``): a work's trailing
+``num_drafts`` tokens are drafts. They must be covered by blocks and never enter the fake's
+state; each is verified against the fake token at its place (for sampled requests the draw
+with the same seed and sample index, as the real runner couples them), the accepted ones and
+one more are emitted, and the fake proposes ``want_drafts`` new ones: the true continuation,
+wrong wherever ``draft_is_wrong`` says, so acceptance lengths of every size occur.
 """
 
 from __future__ import annotations
@@ -63,6 +70,11 @@ def reference_generate(prompt, max_tokens, vocab, eos=None, temperature=0.0, see
         if t == eos:
             break
     return out
+
+
+def draft_is_wrong(seq_id: int, position: int) -> bool:
+    """The fake drafter's mistakes: about a third of its drafts, by a fixed hash."""
+    return hash((seq_id, position, 7919)) % 3 == 0  # ints only: no per-process hash seed
 
 
 def make_limits(**kw) -> RunnerLimits:
@@ -121,19 +133,36 @@ class FakeRunner:
         self.plans.append(plan)
         out = {}
         for w in works:
-            tok = self._run(w)
-            if tok is not None:
+            toks = self._run(w)
+            if toks is not None:
                 n = w.sampling.logprobs
-                lp, top = fake_logprobs(tok, n, L.vocab_size) if n is not None else (None, None)
-                out[w.seq_id] = SampleOut(tok, logprob=lp, top_logprobs=top)
+                outs = []
+                for tok in toks[0]:
+                    lp, top = fake_logprobs(tok, n, L.vocab_size) if n is not None else (None, None)
+                    outs.append(SampleOut(tok, logprob=lp, top_logprobs=top))
+                out[w.seq_id] = dataclasses.replace(outs[-1], accepted=outs[:-1], drafts=toks[1])
         return out
 
-    def _run(self, w: SeqWork) -> int | None:
+    def _run(self, w: SeqWork) -> tuple[list[int], list[int]] | None:
+        """The work's emitted tokens and its new drafts, or None when it does not sample."""
         L, bt = self.limits, self.limits.block_tokens
-        end = w.start + len(w.tokens)
-        require(len(w.tokens) >= 1, "empty work")
+        end = w.start + w.num_known  # drafts never enter the state
+        drafts = w.tokens[w.num_known :]
+        require(w.num_known >= 1, "a work without a known token")
+        require(
+            len(drafts) <= L.max_draft_tokens, f"{len(drafts)} drafts, runner verifies {L.max_draft_tokens}"
+        )
+        require(not drafts or w.sample, "drafts on a work that does not sample")
+        require(w.want_drafts <= L.max_draft_tokens and (w.sample or not w.want_drafts), "bad want_drafts")
+        if L.max_draft_tokens and not w.sample:
+            require(
+                w.next_token is not None, "a chunk that does not sample must name its next token (MTP input)"
+            )
         require(len(w.block_ids) <= L.max_blocks_per_seq, "more blocks than max_blocks_per_seq")
-        require(end <= len(w.block_ids) * bt, f"positions up to {end} but only {len(w.block_ids)} blocks")
+        require(
+            end + len(drafts) <= len(w.block_ids) * bt,
+            f"positions up to {end + len(drafts)} but only {len(w.block_ids)} blocks",
+        )
         require(0 <= w.slot < L.num_slots, f"slot {w.slot} out of range")
         off = [b for b in w.block_ids if L.block_shard(b) != L.slot_shard(w.slot)]
         require(
@@ -152,7 +181,7 @@ class FakeRunner:
                 len(st.hist) == w.start, f"seq {w.seq_id}: slot at {len(st.hist)}, work starts at {w.start}"
             )
         self._check_reads(w.block_ids, st.hist, w.start)
-        st.hist.extend(w.tokens)
+        st.hist.extend(w.tokens[: w.num_known])
         self._write(w, st.hist, end)
         if w.save_snapshot is not None:
             require(end % bt == 0, f"snapshot at {end}, not a block boundary")
@@ -171,7 +200,20 @@ class FakeRunner:
             f"sample at {end}: replay from {w.state_start or '?'} shorter than window·num_layers",
         )
         sp = w.sampling
-        return fake_token(st.hist, L.vocab_size, sp.temperature, w.seed, w.sample_index)
+        hist, emitted = list(st.hist), []
+        for j in range(
+            len(drafts) + 1
+        ):  # verify: the fake's token at each place, drafts accepted while equal
+            emitted.append(fake_token(hist, L.vocab_size, sp.temperature, w.seed, w.sample_index + j))
+            hist.append(emitted[-1])
+            if j == len(drafts) or emitted[-1] != drafts[j]:
+                break
+        new = []
+        for j in range(w.want_drafts):
+            true = fake_token(hist, L.vocab_size, sp.temperature, w.seed, w.sample_index + len(emitted) + j)
+            hist.append(true)
+            new.append((true + 1) % L.vocab_size if draft_is_wrong(w.seq_id, len(hist) - 1) else true)
+        return emitted, new
 
     def _fresh(self, w: SeqWork) -> SlotState:
         L, bt = self.limits, self.limits.block_tokens
@@ -238,13 +280,21 @@ class FakeRunner:
 
 # ----------------------------------------------------------------------------- engine helpers
 def make_engine(
-    strategy="recompute", *, cache=True, interval=None, tokenizer=None, max_model_len=None, **limit_kw
+    strategy="recompute",
+    *,
+    cache=True,
+    interval=None,
+    tokenizer=None,
+    max_model_len=None,
+    speculative_tokens=0,
+    **limit_kw,
 ):
-    """An LLMEngine over a FakeRunner bound to its block manager (limits: ``make_limits``)."""
+    """An LLMEngine over a FakeRunner bound to its block manager (limits: ``make_limits``);
+    ``speculative_tokens``: MTP drafts per step at every load."""
     from dsv4_jax.engine.llm_engine import LLMEngine
     from dsv4_jax.engine.profiles import EngineConfig
 
-    runner = FakeRunner(**limit_kw)
+    runner = FakeRunner(**limit_kw, max_draft_tokens=speculative_tokens)
     lim = runner.limits
     cfg = EngineConfig(
         block_tokens=lim.block_tokens,
@@ -252,6 +302,8 @@ def make_engine(
         enable_prefix_cache=cache,
         checkpoint_interval=interval or 2 * lim.block_tokens,
         num_snapshots=lim.num_snapshots or (0 if strategy == "recompute" else 1),
+        speculative_tokens=speculative_tokens,
+        spec_off_batch=1 << 20,
     )
     engine = LLMEngine(runner, cfg, tokenizer, max_model_len=max_model_len)
     runner.bind(engine)

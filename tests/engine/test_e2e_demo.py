@@ -122,10 +122,10 @@ def engine(mode, strategy="recompute", cache=True, **limits):
 
 
 @functools.cache
-def alone(mode: str, prompt: tuple, n: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens of ``prompt`` generated alone on the state path (no engine, no runner), and
-    the gap between the top two logits at each step. Always the reference path (jnp, weights
-    dequantized): the ``pallas`` mode is checked against it."""
+def alone(mode: str, prompt: tuple, n: int) -> tuple[list[int], list[float], list[float]]:
+    """Greedy tokens of ``prompt`` generated alone on the state path (no engine, no runner), the
+    gap between the top two logits at each step and each token's logprob. Always the reference
+    path (jnp, weights dequantized): the ``pallas`` mode is checked against it."""
     dtype, fmt, qat = MODES[mode][:3]
     cfg, params = demo(dtype)
     cc = kvc.CacheConfig(
@@ -139,7 +139,7 @@ def alone(mode: str, prompt: tuple, n: int) -> tuple[list[int], list[float]]:
     opts = ModelOptions(sim_quant=qat)
     state, blocks = kvc.init_state(cfg, cc), list(range(8))
     lg, state = state_run(cfg, cc, params, state, np.array(prompt), [len(prompt)], 0, blocks, opts)
-    out, gaps = [], []
+    out, gaps, lps = [], [], []
     for k in range(n):
         if k:
             lg, state = state_run(
@@ -148,13 +148,14 @@ def alone(mode: str, prompt: tuple, n: int) -> tuple[list[int], list[float]]:
         top2 = np.sort(lg[-1])[-2:]
         out.append(int(np.argmax(lg[-1])))
         gaps.append(float(top2[1] - top2[0]))
-    return out, gaps
+        lps.append(float(lg[-1, out[-1]] - np.logaddexp.reduce(lg[-1].astype(np.float64))))
+    return out, gaps, lps
 
 
 def check_alone(mode: str, got: list[int], prompt, n: int) -> None:
     """``got`` is ``prompt``'s greedy continuation alone: exactly in ``f32``; otherwise up to the
     first step where the alone run's top two logits are within the mode's ``near_tie``."""
-    want, gaps = alone(mode, tuple(prompt), n)
+    want, gaps, _ = alone(mode, tuple(prompt), n)
     assert len(got) == len(want) == n
     if not MODES[mode].near_tie:
         assert got == want

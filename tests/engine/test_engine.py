@@ -32,8 +32,9 @@ def prompt(n, seed):
     return [r.randrange(2, V) for _ in range(n)]
 
 
-def test_mixed_lengths_arriving_at_different_steps_equal_each_request_alone():
-    engine, runner = make_engine("recompute")
+@pytest.mark.parametrize("spec", [0, 3])  # 3: MTP drafts from the fake drafter (fake_runner.py)
+def test_mixed_lengths_arriving_at_different_steps_equal_each_request_alone(spec):
+    engine, runner = make_engine("recompute", speculative_tokens=spec)
     arrivals = {0: [(5, 12), (40, 7)], 2: [(17, 20)], 3: [(90, 5)], 7: [(3, 30)], 8: [(64, 9), (33, 1)]}
     rids, wants = [], []
     for step in range(400):
@@ -47,9 +48,17 @@ def test_mixed_lengths_arriving_at_different_steps_equal_each_request_alone():
     assert outputs(engine, rids) == wants
     assert any(len(p.works) > 1 for p in runner.plans)  # really batched
     # prefill chunks and decodes shared steps (continuous batching, not phase-separated)
-    assert any(
-        {len(w.tokens) for w in p.works} > {1} and 1 in {len(w.tokens) for w in p.works} for p in runner.plans
+    assert (
+        any(
+            {len(w.tokens) for w in p.works} > {1} and 1 in {len(w.tokens) for w in p.works}
+            for p in runner.plans
+        )
+        or spec
     )
+    if spec:  # drafts verified, some accepted, some rejected, every position reached
+        s = engine.stats()
+        assert 0 < s["spec_accepted_tokens"] < s["spec_draft_tokens"]
+        assert all(engine.spec_counters["accepted_per_position"])
     assert engine.block_manager.leaks() == []
 
 
@@ -75,7 +84,8 @@ def test_token_budget_chunked_prefill_and_decodes_first():
 
 
 @pytest.mark.parametrize("strategy", ["recompute", "checkpoint", "full", None])
-def test_preemption_and_resumption_do_not_change_outputs(strategy):
+@pytest.mark.parametrize("spec", [0, 3])  # 3: MTP drafts from the fake drafter (fake_runner.py)
+def test_preemption_and_resumption_do_not_change_outputs(strategy, spec):
     # 14 blocks of 16 tokens for four requests that grow to ~100 tokens each: decodes run out
     # of blocks and preempt the newest; they resume (via their own cached blocks when caching).
     engine, _ = make_engine(
@@ -84,6 +94,7 @@ def test_preemption_and_resumption_do_not_change_outputs(strategy):
         num_blocks=14,
         num_snapshots=8,
         max_tokens_per_step=48,
+        speculative_tokens=spec,
     )
     ps = [prompt(n, 10 + n) for n in (30, 45, 20, 52)]
     sps = [
@@ -135,7 +146,8 @@ def test_cancellation_frees_everything_at_once():
 
 
 @pytest.mark.parametrize("strategy", ["recompute", "checkpoint", "full"])
-def test_random_stress_with_cancellations_returns_every_block_slot_and_snapshot(strategy):
+@pytest.mark.parametrize("spec", [0, 3])  # 3: MTP drafts from the fake drafter (fake_runner.py)
+def test_random_stress_with_cancellations_returns_every_block_slot_and_snapshot(strategy, spec):
     rng = random.Random({"recompute": 1, "checkpoint": 2, "full": 3}[strategy])
     engine, _ = make_engine(
         strategy,
@@ -145,6 +157,7 @@ def test_random_stress_with_cancellations_returns_every_block_slot_and_snapshot(
         num_snapshots=6,
         max_tokens_per_step=40,
         interval=32,
+        speculative_tokens=spec,
     )
     bases = [prompt(120, 100 + i) for i in range(3)]  # shared prefixes → hits, mid-block ones too
     live, aborted = {}, set()
@@ -177,7 +190,7 @@ def test_random_stress_with_cancellations_returns_every_block_slot_and_snapshot(
         )
         assert got.output_token_ids == want, rid
     st = engine.stats()
-    assert len(aborted) > 3 and st["prefix_cache_hits"] > 5 and st["preemptions"] > 0
+    assert len(aborted) > (1 if spec else 3) and st["prefix_cache_hits"] > 5 and st["preemptions"] > 0
     assert engine.block_manager.leaks() == []
     engine.reset_prefix_cache()
     st = engine.stats()
@@ -233,8 +246,9 @@ def test_refusals_name_the_limit():
     assert not engine.has_unfinished()
 
 
-def test_generation_is_capped_at_the_context_limit():
-    engine, _ = make_engine("recompute", max_blocks_per_seq=4)  # 64 tokens
+@pytest.mark.parametrize("spec", [0, 3])  # 3: MTP drafts from the fake drafter (fake_runner.py)
+def test_generation_is_capped_at_the_context_limit(spec):
+    engine, _ = make_engine("recompute", max_blocks_per_seq=4, speculative_tokens=spec)  # 64 tokens
     rid = engine.add_request(prompt(60, 3), SamplingParams(max_tokens=50, **GREEDY))
     drain(engine)
     req = engine.get_request(rid)
@@ -242,10 +256,11 @@ def test_generation_is_capped_at_the_context_limit():
     assert req.output_token_ids == reference_generate(prompt(60, 3), 4, V)
 
 
-def test_stop_conditions_eos_stop_tokens_max_tokens():
+@pytest.mark.parametrize("spec", [0, 3])  # 3: MTP drafts from the fake drafter (fake_runner.py)
+def test_stop_conditions_eos_stop_tokens_max_tokens(spec):
     p = prompt(20, 5)
     ref = reference_generate(p, 40, V)
-    engine, _ = make_engine("recompute", eos_token_id=ref[5])
+    engine, _ = make_engine("recompute", eos_token_id=ref[5], speculative_tokens=spec)
     eos = engine.add_request(p, SamplingParams(max_tokens=40, temperature=0))
     ign = engine.add_request(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
     stop = engine.add_request(

@@ -167,6 +167,7 @@ def stand_in_runner(monkeypatch) -> dict:
             eos_token_id,
             mesh,
             lookahead,
+            speculative_tokens,
             opts,
         ):
             built.update(locals(), cfg=cfg)
@@ -183,6 +184,7 @@ def stand_in_runner(monkeypatch) -> dict:
                     num_layers=cfg.num_hidden_layers,
                     vocab_size=V,
                     eos_token_id=eos_token_id,
+                    max_draft_tokens=speculative_tokens,
                 )
             )
 

@@ -176,8 +176,8 @@ def test_fake_catches_a_one_window_replay(monkeypatch):
 def test_fake_catches_a_replay_that_rewrites_shared_blocks(monkeypatch):
     orig = Scheduler._chunk
 
-    def forget_cached_until(self, seq, budget):
-        sc = orig(self, seq, budget)
+    def forget_cached_until(self, seq, budget, *drafts):
+        sc = orig(self, seq, budget, *drafts)
         sc.work.cached_until = 0
         return sc
 

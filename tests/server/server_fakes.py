@@ -51,16 +51,21 @@ class SlowRunner(FakeRunner):
         return super().execute(plan)
 
 
-def fake_engine(tok, runner=None, max_model_len=None, **limit_kw):
+def fake_engine(tok, runner=None, max_model_len=None, speculative_tokens=0, **limit_kw):
     """An ``LLMEngine`` (checkpoint SWA strategy, prefix cache on) over ``runner``
-    (default: a FakeRunner with ``make_limits(vocab_size=VOCAB, **limit_kw)``)."""
-    runner = runner or FakeRunner(make_limits(vocab_size=VOCAB, **limit_kw))
+    (default: a FakeRunner with ``make_limits(vocab_size=VOCAB, **limit_kw)``);
+    ``speculative_tokens``: MTP drafts per step at every load (the FakeRunner's fake drafter)."""
+    runner = runner or FakeRunner(
+        make_limits(vocab_size=VOCAB, max_draft_tokens=speculative_tokens, **limit_kw)
+    )
     lim = runner.limits
     cfg = EngineConfig(
         block_tokens=lim.block_tokens,
         swa_strategy="checkpoint",
         checkpoint_interval=2 * lim.block_tokens,
         num_snapshots=lim.num_snapshots,
+        speculative_tokens=speculative_tokens,
+        spec_off_batch=1 << 20,
     )
     engine = LLMEngine(runner, cfg, tok, max_model_len=max_model_len)
     runner.bind(engine)

@@ -285,3 +285,60 @@ def test_metrics_count_requests_tokens_latency_and_prefix_hits(tok):
     assert metric(text, "dsv4_prefix_cache_query_tokens_total") == 150
     assert metric(text, "dsv4_prefix_cache_hit_tokens_total") == 2 * 48  # 2nd and 3rd reuse 3 blocks each
     assert abs(metric(text, "dsv4_prefix_cache_hit_rate") - 96 / 150) < 1e-9
+    # No MTP drafting: the counters are there and zero, no per-position series.
+    assert metric(text, "dsv4_spec_decode_num_draft_tokens_total") == 0
+    assert metric(text, "dsv4_spec_decode_mean_acceptance_length") == 0
+    assert "_per_pos" not in text
+
+
+def test_metrics_export_speculative_decoding(tok):
+    """MTP drafting (the FakeRunner's drafter, 2 drafts a step): drafts verified and accepted and
+    verify steps, in all and per draft position, equal the engine's own counts over the served
+    requests, less a warm-up request run before the server opened; the rates follow from them."""
+    import copy
+    import time
+
+    from dsv4_jax.engine.sampling_params import SamplingParams
+
+    engine = fake_engine(tok, speculative_tokens=2)
+    engine.add_request(list(range(100, 120)), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    outs = [o for _ in range(50) if engine.has_unfinished() for o in engine.step()]
+    engine.release(outs[-1].request_id)
+    warm = copy.deepcopy(engine.spec_counters)
+    assert warm["verify_steps"] > 0
+    client, _ = make_client(engine)
+    with client:
+        for prompt in ([5, 6, 7], list(range(10, 40))):
+            r = post(client, "/v1/completions", prompt=prompt, max_tokens=12, ignore_eos=True, temperature=0)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12
+        time.sleep(0.1)
+        text = client.get("/metrics").text
+    sc = engine.spec_counters
+    drafted, accepted, steps = (sc[k] - warm[k] for k in ("draft_tokens", "accepted_tokens", "verify_steps"))
+    assert 0 < accepted < drafted and 0 < steps <= drafted <= 2 * steps
+    assert metric(text, "dsv4_spec_decode_num_draft_tokens_total") == drafted
+    assert metric(text, "dsv4_spec_decode_num_accepted_tokens_total") == accepted
+    assert metric(text, "dsv4_spec_decode_num_drafts_total") == steps
+    assert abs(metric(text, "dsv4_spec_decode_acceptance_rate") - accepted / drafted) < 1e-9
+    assert abs(metric(text, "dsv4_spec_decode_mean_acceptance_length") - (1 + accepted / steps)) < 1e-9
+    at = lambda key, j: [*sc[key], 0, 0][j - 1] - [*warm[key], 0, 0][j - 1]
+    for j in (1, 2):
+        n, a = at("drafts_per_position", j), at("accepted_per_position", j)
+        lab = f'{{position="{j}"}}'
+        assert metric(text, f"dsv4_spec_decode_num_draft_tokens_per_pos_total{lab}") == n > 0
+        assert metric(text, f"dsv4_spec_decode_num_accepted_tokens_per_pos_total{lab}") == a <= n
+        assert abs(metric(text, f"dsv4_spec_decode_acceptance_rate_per_pos{lab}") - a / n) < 1e-9
+    assert metric(text, 'dsv4_spec_decode_num_draft_tokens_per_pos_total{position="1"}') == steps
+    assert 'position="3"' not in text
+    # What scripts/benchmark.py --base-url reads of it.
+    from dsv4_jax.bench.client import parse_counters, spec_summary
+
+    s = spec_summary(parse_counters(text))
+    assert (s["spec_draft_tokens"], s["spec_accepted_tokens"], s["spec_verify_steps"]) == (
+        drafted,
+        accepted,
+        steps,
+    )
+    assert s["spec_acceptance_rate_per_position"] == [
+        metric(text, f'dsv4_spec_decode_acceptance_rate_per_pos{{position="{j}"}}') for j in (1, 2)
+    ]

@@ -5,6 +5,8 @@ per module (its JIT warm-up is the cost).
 
 Server settings keep the compiled shapes few: batch ≤ 2, prefill chunks ≤ 16 tokens (so the
 buckets are 8 and 16), a 4096-token context; the warm-up compiles those before /health is 200.
+MTP speculative decoding runs at 2 drafts a step (``--speculative-tokens 2``, below the chat
+profile's 3), so /metrics and the benchmark report its acceptance.
 """
 
 import gzip
@@ -76,6 +78,8 @@ def live(tmp_path_factory):
         "16",
         "--num-snapshots",
         "4",
+        "--speculative-tokens",
+        "2",
         "--warmup-max-batch",
         "2",
         "--warmup-max-prefill",
@@ -236,6 +240,32 @@ def test_client_disconnect_aborts_and_frees_the_slot(live):
     )
 
 
+def spec_metrics_are_sane(live):
+    """After a greedy generation (drafts at 2 a step): the MTP series of /metrics agree."""
+    kw = {"model": "demo", "max_tokens": 8, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    live.client.completions.create(prompt="def fib(n):", **kw)
+    get = lambda name: live.metric("dsv4_spec_decode_" + name)
+    drafted, accepted, steps = (
+        get("num_draft_tokens_total"),
+        get("num_accepted_tokens_total"),
+        get("num_drafts_total"),
+    )
+    assert drafted > 0 and 0 <= accepted <= drafted and 0 < steps <= drafted <= 2 * steps
+    assert abs(get("acceptance_rate") - accepted / drafted) < 1e-9
+    assert abs(get("mean_acceptance_length") - (1 + accepted / steps)) < 1e-9
+    per_pos = []
+    for j in (1, 2):
+        n = get(f'num_draft_tokens_per_pos_total{{position="{j}"}}')
+        a = get(f'num_accepted_tokens_per_pos_total{{position="{j}"}}')
+        assert (
+            0 <= a <= n
+            and abs(get(f'acceptance_rate_per_pos{{position="{j}"}}') - (a / n if n else 0)) < 1e-9
+        )
+        per_pos.append((n, a))
+    assert per_pos[0][0] == steps and sum(n for n, _ in per_pos) == drafted
+    assert sum(a for _, a in per_pos) == accepted and 'position="3"' not in live.metrics()
+
+
 def test_metrics_and_profiler_trace(live):
     text = live.metrics()
     for name in (
@@ -246,6 +276,7 @@ def test_metrics_and_profiler_trace(live):
     ):
         assert live.metric(name) > 0, name
     assert 'dsv4_kv_pool_bytes{pool="csa_index"}' in text and "dsv4_prefix_cache_hit_rate" in text
+    spec_metrics_are_sane(live)
     deadline = time.monotonic() + 30
     while not list((live.tmp / "trace").glob("plugins/profile/*/perfetto_trace.json.gz")):
         assert time.monotonic() < deadline, "no trace written"
@@ -297,6 +328,12 @@ def test_benchmark_script_against_the_server(live, tmp_path):
         assert r["completed"] == 3 and r["failed"] == 0 and r["total_output_tokens"] == 12
         assert r["total_input_tokens"] == 36 and r["ttft_ms"]["p50"] > 0
         assert r["prefix_hit_rate"] == 0.0  # 12-token prompts: shorter than one cache block
+        # Read from /metrics: 3 requests of 4 tokens, each a prefill and drafts at 2 a step
+        assert 0 < r["spec_verify_steps"] <= r["spec_draft_tokens"] <= 2 * r["spec_verify_steps"]
+        assert 0 <= r["spec_accepted_tokens"] <= r["spec_draft_tokens"]
+        assert r["spec_acceptance_rate"] == r["spec_accepted_tokens"] / r["spec_draft_tokens"]
+        assert 1 <= r["spec_mean_acceptance_length"] <= 3
+        assert len(r["spec_acceptance_rate_per_position"]) == 2
     rows = res["decode_sweep"]["default"]
     assert [x["context"] for x in rows] == [64, 128] and all(x["decode_ms_per_token"] > 0 for x in rows)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

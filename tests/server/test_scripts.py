@@ -158,6 +158,76 @@ def test_generate_writes_every_line_and_resumes_after_an_interruption(tok, tmp_p
     assert again == {"skipped": 6, "ok": 0, "errors": 0}
 
 
+def test_generate_reports_mtp_acceptance(tok, tmp_path, capsys, monkeypatch):
+    """With drafts (the FakeRunner's drafter, 2 a step), each line's metrics and the run's last
+    printed line carry the acceptance figures, equal to the engine's own counts."""
+    from dsv4_jax import launch
+
+    engine = fake_engine(tok, speculative_tokens=2)
+    monkeypatch.setattr(launch, "build_llm", lambda args: type("FakeLLM", (), {"engine": engine}))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"prompt": [5, 6, 7]}\n{"prompt": "Hello there"}\n')
+    args = gen.parse_args(
+        ["generate.py", "--input", str(src), "--output", str(out), "--max-tokens", "10", "--temperature", "0"]
+        + ["--ignore-eos", "--no-progress", "--speculative-tokens", "2"]
+    )
+    assert args.speculative_tokens == 2 and gen.run(args) == 0
+    lines = read(out)
+    assert all(len(r["token_ids"]) == 10 for r in lines)
+    for r in lines:
+        m = r["metrics"]
+        assert 0 < m["accepted_tokens"] < m["draft_tokens"]
+        assert m["acceptance_rate"] == m["accepted_tokens"] / m["draft_tokens"]
+        assert 1 < m["mean_acceptance_length"] <= 3
+    sc = engine.spec_counters
+    assert sc["draft_tokens"] == sum(r["metrics"]["draft_tokens"] for r in lines)
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    rates = " ".join(
+        f"{100 * a / n:.1f}%" for n, a in zip(sc["drafts_per_position"], sc["accepted_per_position"])
+    )
+    assert printed == (
+        f"speculative decoding: {sc['accepted_tokens']} of {sc['draft_tokens']} drafts accepted "
+        f"({100 * sc['accepted_tokens'] / sc['draft_tokens']:.1f}%), mean acceptance length "
+        f"{1 + sc['accepted_tokens'] / sc['verify_steps']:.2f} tokens per verify step; "
+        f"per draft position: {rates}"
+    )
+    assert len(sc["drafts_per_position"]) == 2
+
+
+@pytest.mark.parametrize("script", ["serve", "generate", "benchmark"])
+def test_speculative_tokens_flag_reaches_the_llm(script, monkeypatch):
+    """``--speculative-tokens`` of every script that builds an ``LLM`` through ``launch.build_llm``
+    is passed on; without it the profile's depth applies (``LLM`` turns that off for a checkpoint
+    without an MTP block). (The demo's engine and runner drafting at the flag's depth: below.)"""
+    from dsv4_jax import launch, llm
+
+    parse = {"serve": cli.parse_args, "generate": gen.parse_args, "benchmark": bench.parse_args}[script]
+    extra = ["--input", "x", "--output", "y"] if script == "generate" else []
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def fake_llm(*a, **kw):
+        seen.append(kw)
+        raise Built
+
+    monkeypatch.setattr(llm, "LLM", fake_llm)
+    for flags, want in ((["--speculative-tokens", "1"], 1), (["--speculative-tokens", "0"], 0), ([], None)):
+        with pytest.raises(Built):
+            launch.build_llm(parse([f"{script}.py", "--compile-cache", "", *flags, *extra]))
+        assert seen[-1].get("speculative_tokens") == want, (flags, seen[-1])
+        assert seen[-1]["spec_full_batch"] == 4 and seen[-1]["spec_off_batch"] == 32  # balanced's
+
+
+def test_demo_engine_drafts_at_the_flags_depth():
+    from dsv4_jax import launch
+
+    args = bench.parse_args(["benchmark.py", "--compile-cache", "", "--speculative-tokens", "1"])
+    engine = launch.build_llm(args).engine
+    assert engine.config.speculative_tokens == 1 and engine.limits.max_draft_tokens == 1
+
+
 # ----------------------------------------------------------------------------- benchmark.py
 def test_datasets(tok, tmp_path):
     ids = bd.ordinary_token_ids(tok)
@@ -187,8 +257,9 @@ def test_datasets(tok, tmp_path):
     ]
 
 
-def profile_engine(tok):
-    """Fake engines configured like each endpoint profile (block size, budget, SWA strategy)."""
+def profile_engine(tok, drafts=False):
+    """Fake engines configured like each endpoint profile (block size, budget, SWA strategy;
+    with ``drafts``, the profile's MTP depth from the FakeRunner's drafter)."""
 
     def make(profile):
         cfg = make_config(
@@ -203,6 +274,7 @@ def profile_engine(tok):
                 max_blocks_per_seq=8,
                 num_slots=4,
                 num_snapshots=cfg.num_snapshots if cfg.snapshot_interval else 0,
+                max_draft_tokens=cfg.speculative_tokens if drafts else 0,
             )
         )
         engine = LLMEngine(runner, cfg, tok)
@@ -243,6 +315,9 @@ def test_benchmark_in_process_random_and_shared_prefix(tok, tmp_path):
         assert r["total_input_tokens"] == 6 * r["input_len"] and r["prefix_hit_rate"] == 0.0
         assert r["request_throughput"] > 0 and r["tpot_ms"]["p50"] > 0 and r["itl_ms"]["p99"] > 0
         assert r["ttft_ms"]["p50"] <= r["ttft_ms"]["p90"] <= r["ttft_ms"]["p99"] <= r["e2el_ms"]["p99"]
+        # The runner does not draft: counts are 0 and the rates undefined.
+        assert r["spec_draft_tokens"] == r["spec_verify_steps"] == 0 and r["spec_acceptance_rate"] is None
+        assert r["spec_mean_acceptance_length"] is None and r["spec_acceptance_rate_per_position"] == []
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
     args = bench_args(
@@ -269,6 +344,61 @@ def test_benchmark_in_process_random_and_shared_prefix(tok, tmp_path):
     (r,) = json.loads(out.read_text())["runs"]
     # block 128: each group's first request caches 2 blocks (256 of 308 tokens); the other 3 reuse them
     assert r["completed"] == 8 and math.isclose(r["prefix_hit_rate"], 6 * 256 / (8 * 308))
+
+
+def test_benchmark_reports_mtp_acceptance(tok, tmp_path, capsys):
+    """In-process with drafts (balanced: 2 a step): the JSON's acceptance figures equal the
+    engine's counts over the measured requests (no warm-up here, so over all of them), and the
+    table prints them; the decode sweep's rows carry the sweep request's figures."""
+    out, engines = tmp_path / "s.json", []
+
+    def make(profile):
+        engines.append(profile_engine(tok, drafts=True)(profile))
+        return engines[-1]
+
+    args = bench_args(
+        *("--num-prompts", "4", "--input-len", "20", "--output-len", "9", "--max-concurrency", "2"),
+        *("--warmup-requests", "0", "--result-file", str(out)),
+    )
+    assert bench.run(args, engine_factory=make) == 0
+    (r,) = json.loads(out.read_text())["runs"]
+    sc = engines[0].spec_counters
+    assert r["completed"] == 4 and r["total_output_tokens"] == 36
+    assert (
+        r["spec_draft_tokens"] == sc["draft_tokens"] > r["spec_accepted_tokens"] == sc["accepted_tokens"] > 0
+    )
+    assert r["spec_verify_steps"] == sc["verify_steps"]
+    assert math.isclose(r["spec_acceptance_rate"], sc["accepted_tokens"] / sc["draft_tokens"])
+    assert math.isclose(r["spec_mean_acceptance_length"], 1 + sc["accepted_tokens"] / sc["verify_steps"])
+    per_pos = [a / n for n, a in zip(sc["drafts_per_position"], sc["accepted_per_position"])]
+    assert len(per_pos) == 2 and r["spec_acceptance_rate_per_position"] == pytest.approx(per_pos)
+    printed = capsys.readouterr().out
+    assert "Speculative Decoding (MTP)" in printed
+    assert f"{100 * r['spec_acceptance_rate']:.1f}%" in printed.split("Acceptance rate:")[1].splitlines()[0]
+    assert (
+        f"{r['spec_mean_acceptance_length']:.2f}"
+        in printed.split("Mean acceptance length")[1].splitlines()[0]
+    )
+    for j, v in enumerate(per_pos, 1):
+        assert f"{100 * v:.1f}%" in printed.split(f"Acceptance rate, draft {j}:")[1].splitlines()[0]
+
+    args = bench_args(
+        *("--num-prompts", "1", "--input-len", "20", "--output-len", "4", "--result-file", str(out)),
+        *(
+            "--decode-sweep",
+            "--decode-sweep-min",
+            "64",
+            "--decode-sweep-max",
+            "64",
+            "--decode-sweep-tokens",
+            "9",
+        ),
+    )
+    bench.run(args, engine_factory=make)
+    (row,) = json.loads(out.read_text())["decode_sweep"]["default"]
+    assert (
+        row["ok"] and 0 <= row["spec_acceptance_rate"] <= 1 and 1 <= row["spec_mean_acceptance_length"] <= 3
+    )
 
 
 def test_compare_profiles_and_decode_sweep(tok, tmp_path, capsys):

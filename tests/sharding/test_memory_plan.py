@@ -127,6 +127,7 @@ def test_plan_equals_what_the_runner_allocates_at_flash_width(profile, overrides
         max_blocks_per_seq=pools.max_blocks_per_seq,
         block_tokens=ec.block_tokens,
         fmt=kvc.KVFormat.parse(ec.kv_format),
+        mtp_layers=1 if ec.speculative_tokens else 0,  # the profile drafts on GPU: MTP windows per slot
     )
     placement = RunnerLayout(cfg, cc, lay, pools.num_snapshots)
     assert memory.allocated(placement) == p.kv <= p.budget

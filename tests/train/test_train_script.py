@@ -1,6 +1,7 @@
 """``scripts/train_demo.py --tiny`` (``dsv4_jax.train.demo``): the training script end to end at
 a few steps per phase (both step shapes: dense with the retrieval hint, sparse top-16 with
-questions beyond the window), then ``--export`` of its saved state gives the same checkpoint."""
+questions beyond the window; then the MTP phase), then ``--export`` of its saved state gives
+the same checkpoint."""
 
 import filecmp
 import json
@@ -18,8 +19,11 @@ from dsv4_jax.train import demo as td
 def test_tiny_run_logs_trains_and_exports(tmp_path):
     out, log, state = tmp_path / "ckpt", tmp_path / "log.jsonl", tmp_path / "state.npz"
     assert td.main(["--tiny", "--out", str(out), "--log", str(log), "--state", str(state)]) == 0
-    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    recs = [r for r in lines if "step" in r]
     assert [r["step"] for r in recs] == [10, 12]
+    assert [r["mtp_step"] for r in lines if "mtp_step" in r] == [4]  # MTP_TINY, logged at its end
+    assert {"text", "needle"} == set(lines[-1]["mtp_heldout"])
     assert [r["length"] for r in recs] == [512, 512] and recs[0]["topk"] == 16
     for r in recs:
         assert {"lm", "answer", "kl", "hint", "answer_acc", "gnorm", "loss"} <= set(r)

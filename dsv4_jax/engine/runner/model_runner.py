@@ -43,14 +43,14 @@ import numpy as np
 from flax import nnx
 
 from dsv4_jax.config import Config
-from dsv4_jax.engine.runner import sampling
+from dsv4_jax.engine.runner import sampling, speculative
 from dsv4_jax.engine.runner.layout import TABLE_DTYPES, RunnerLayout, tree_bytes
 from dsv4_jax.engine.runner.lookahead import Lookahead, continuation
 from dsv4_jax.engine.runner_api import RunnerLimits, SampleOut, SeqWork, StepPlan
 from dsv4_jax.engine.sampling_params import SamplingParams
 from dsv4_jax.intmath import next_pow2
 from dsv4_jax.model import state as kvc
-from dsv4_jax.model.accounting import kv_bytes
+from dsv4_jax.model.accounting import kv_bytes, mtp_window_bytes
 from dsv4_jax.model.transformer import ModelOptions, forward
 from dsv4_jax.parallel import slots as slot_tables
 from dsv4_jax.parallel.rules import DEFAULT_RULES, Layout
@@ -83,7 +83,17 @@ class JaxModelRunner:
         mesh: jax.sharding.Mesh | None = None,
         rules: Mapping = DEFAULT_RULES,
         lookahead: bool = True,
+        speculative_tokens: int = 0,
     ):
+        if speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
+        if speculative_tokens and not cfg.num_nextn_predict_layers:
+            raise ValueError(
+                f"speculative_tokens={speculative_tokens} needs the checkpoint's MTP block, but its "
+                "config has num_nextn_predict_layers=0"
+            )
+        if speculative_tokens and "mtp" not in params:
+            raise ValueError(f"speculative_tokens={speculative_tokens}: the params hold no MTP block ('mtp')")
         layout = None if mesh is None else Layout.create(mesh, rules)
         opts = dataclasses.replace(opts, layout=layout)
         self.cfg, self.opts = cfg, opts
@@ -94,6 +104,7 @@ class JaxModelRunner:
             block_tokens=block_tokens,
             fmt=kvc.KVFormat.parse(kv_format),
             dtype=dtype,
+            mtp_layers=1 if speculative_tokens else 0,
         )
         self.cc.validate(cfg)
         self.placement = RunnerLayout(cfg, self.cc, layout, num_snapshots)
@@ -115,17 +126,20 @@ class JaxModelRunner:
             vocab_size=cfg.vocab_size,
             eos_token_id=cfg.eos_token_id if eos_token_id is None else eos_token_id,
             bytes_per_block=round(acc.bytes_per_token * block_tokens),
-            bytes_per_slot=acc.fixed_bytes_per_seq,
+            bytes_per_slot=acc.fixed_bytes_per_seq
+            + (mtp_window_bytes(cfg, self.cc.fmt, jnp.dtype(dtype).itemsize) if speculative_tokens else 0),
             num_seq_shards=self.placement.shards,
+            max_draft_tokens=speculative_tokens,
         )
         self.state = self.placement.init_state()
         self.snapshots = self.placement.init_snapshots()
         self.counts, self.prompt_mask = (self.placement.init_table(d) for d in TABLE_DTYPES)
         self._counted: dict[int, int] = {}  # seq_id -> last position whose token is in the tables
         self.compilations = 0
-        self.lookahead = lookahead
+        self.lookahead = lookahead and not speculative_tokens  # a verify step's continuation is not known
         self.ahead = Lookahead()  # dispatched lookahead rows not taken yet (and used / dropped counts)
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 2, 3), static_argnames=("num_logprobs",))
+        self._spec = jax.jit(self._spec_impl, donate_argnums=(1, 2, 3), static_argnames=("num_logprobs", "k"))
         # i32[b,1]: the sampled token of row take[i] of a step where mine[i], else base[i] (one dispatch)
         self._pick = jax.jit(
             lambda sampled, take, mine, base: jnp.where(mine[:, None], sampled[take][:, None], base)
@@ -184,6 +198,14 @@ class JaxModelRunner:
         state, counts, pmask = self.placement.pin(state, counts, pmask)
         return self.placement.replicate(res), state, counts, pmask
 
+    def _spec_impl(self, params, state, counts, pmask, *batch, num_logprobs, k):
+        self.compilations += 1  # runs at trace time only
+        return speculative.step(
+            params, state, counts, pmask, *batch,
+            cfg=self.cfg, opts=self.opts, cache=self.cc, placement=self.placement,
+            num_logprobs=num_logprobs, k_verify=k, k_draft=k,
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ host orchestration
     def execute(self, plan: StepPlan) -> dict[int, SampleOut]:
         works = plan.works
@@ -220,17 +242,18 @@ class JaxModelRunner:
             for i, w in zip(rows, group):
                 if not w.sample:
                     continue
+                if isinstance(res, speculative.SpecResult):
+                    a = int(res.accepted[i])
+                    emitted = [_sample_out(w, res, (i, j)) for j in range(a + 1)]
+                    out[w.seq_id] = dataclasses.replace(
+                        emitted[-1],
+                        accepted=emitted[:-1],
+                        drafts=[int(d) for d in res.drafts[i, : w.want_drafts]],
+                    )
+                    self._counted[w.seq_id] = w.start + w.num_known + a
+                    continue
                 self._counted[w.seq_id] = w.start + len(w.tokens)
-                n = w.sampling.logprobs
-                out[w.seq_id] = SampleOut(
-                    token=int(res.tokens[i]),
-                    logprob=float(res.logprob[i]) if n is not None else None,
-                    top_logprobs=[
-                        (int(t), float(p)) for t, p in zip(res.top_ids[i, :n], res.top_logprobs[i, :n])
-                    ]
-                    if n
-                    else ([] if n == 0 else None),
-                )
+                out[w.seq_id] = _sample_out(w, res, i)
         self.ahead.expect({sid: o.token for sid, o in out.items()})
         return out
 
@@ -269,7 +292,19 @@ class JaxModelRunner:
         t = 1 if all(len(w.tokens) == 1 for w in group) else next_pow2(max(len(w.tokens) for w in group), 8)
         num_logprobs = SamplingParams.MAX_LOGPROBS if any(w.sampling.logprobs for w in group) else 0
         args = self._inputs(group, rows, b, t, tokens_on_device)
-        res, self.state, self.counts, self.prompt_mask = self._step(*args, num_logprobs=num_logprobs)
+        if self.limits.max_draft_tokens:
+            k = max([w.num_drafts for w in group] + [w.want_drafts for w in group if w.sample])
+            if k > self.limits.max_draft_tokens:
+                raise ValueError(
+                    f"{k} drafts in a step; the runner verifies at most {self.limits.max_draft_tokens}"
+                )
+            # Two programs per shape, not one per depth: a group with any draft verifies and drafts
+            # at the runner's depth (rows use what they asked for), so the load-adaptive depth and
+            # the end of a request never compile anything new mid-serving.
+            k = self.limits.max_draft_tokens if k else 0
+            res, self.state, self.counts, self.prompt_mask = self._spec(*args, num_logprobs=num_logprobs, k=k)
+        else:
+            res, self.state, self.counts, self.prompt_mask = self._step(*args, num_logprobs=num_logprobs)
         return rows, res
 
     def _inputs(self, group, rows, b: int, t: int, tokens_on_device=None) -> tuple:
@@ -284,8 +319,14 @@ class JaxModelRunner:
         state_start = np.zeros(b, np.int32)
         cached_until = np.zeros(b, np.int32)
         sample_mask = np.zeros(b, bool)
+        commit = np.zeros(b, np.int32)
+        n_drafts = np.zeros(b, np.int32)
+        next_token = np.full(b, -1, np.int32)
         for i, w in zip(rows, group):
             n = len(w.tokens)
+            commit[i], n_drafts[i] = w.num_known, w.num_drafts
+            if w.next_token is not None:
+                next_token[i] = w.next_token
             if len(w.block_ids) > mb:
                 raise ValueError(f"seq {w.seq_id}: {len(w.block_ids)} blocks > max_blocks_per_seq={mb}")
             tokens[i, :n] = w.tokens
@@ -298,23 +339,12 @@ class JaxModelRunner:
         for i, w in zip(rows, group):
             params[i], seeds[i], index[i] = w.sampling, w.seed, w.sample_index
         sa = sampling.sampling_arrays(params, seeds, index, pad_to=b)
-        meta = kvc.StepMeta(slots, table, lengths, state_start, cached_until)
+        spec = bool(self.limits.max_draft_tokens)
+        meta = kvc.StepMeta(slots, table, lengths, state_start, cached_until, commit if spec else None)
         if tokens_on_device is not None:
             tokens = tokens_on_device
-        tokens, positions, meta, sa, sample_mask = self.placement.put_batch(
-            (tokens, positions, meta, sa, sample_mask)
-        )
-        return (
-            self.params,
-            self.state,
-            self.counts,
-            self.prompt_mask,
-            tokens,
-            positions,
-            meta,
-            sa,
-            sample_mask,
-        )
+        batch = (tokens, positions, meta, sa, sample_mask) + ((n_drafts, next_token) if spec else ())
+        return (self.params, self.state, self.counts, self.prompt_mask, *self.placement.put_batch(batch))
 
     # ------------------------------------------------------------------ step shapes
     def step_shapes(self) -> list[tuple[int, int]]:
@@ -346,11 +376,17 @@ class JaxModelRunner:
         import time
 
         t0, temps, n = time.monotonic(), 0, 0
+        depths = sorted({0, self.limits.max_draft_tokens})
         for b, t in self.step_shapes() if shapes is None else shapes:
             args = self._inputs([], [], b, t)
-            for k in (0, SamplingParams.MAX_LOGPROBS) if logprobs else (0,):
-                mem = self._step.lower(*args, num_logprobs=k).compile().memory_analysis()
-                temps, n = max(temps, int(mem.temp_size_in_bytes) if mem is not None else 0), n + 1
+            for lp in (0, SamplingParams.MAX_LOGPROBS) if logprobs else (0,):
+                if self.limits.max_draft_tokens:  # without drafts, and at the runner's depth
+                    lowered = [self._spec.lower(*args, num_logprobs=lp, k=k) for k in depths]
+                else:
+                    lowered = [self._step.lower(*args, num_logprobs=lp)]
+                for low in lowered:
+                    mem = low.compile().memory_analysis()
+                    temps, n = max(temps, int(mem.temp_size_in_bytes) if mem is not None else 0), n + 1
         return {"compiled": n, "seconds": time.monotonic() - t0, "temp_bytes": temps}
 
     def _update_penalty_tables(self, works: list[SeqWork]) -> None:
@@ -380,10 +416,10 @@ class JaxModelRunner:
                     rows.append((w.slot, tok, p < w.prompt_len))
                 self._counted[w.seq_id] = w.start - 1
             done = self._counted.get(w.seq_id, w.start - 1)
-            for p, tok in enumerate(w.tokens, start=w.start):
+            for p, tok in enumerate(w.tokens[: w.num_known], start=w.start):  # drafts are not the sequence's
                 if p < w.prompt_len or p > done:
                     rows.append((w.slot, tok, p < w.prompt_len))
-            self._counted[w.seq_id] = max(done, w.start + len(w.tokens) - 1)
+            self._counted[w.seq_id] = max(done, w.start + w.num_known - 1)
         if rows:
             n = next_pow2(len(rows), 8)
             arr = np.zeros((3, n), np.int32)
@@ -405,3 +441,15 @@ class JaxModelRunner:
             "weights": tree_bytes(self.params),
             "kv": tree_bytes((self.state, self.snapshots, self.counts, self.prompt_mask)),
         }
+
+
+def _sample_out(w: SeqWork, res, at) -> SampleOut:
+    """The ``SampleOut`` of row ``at`` (``i`` of a step, or ``(i, j)`` of a speculative step)."""
+    n = w.sampling.logprobs
+    return SampleOut(
+        token=int(res.tokens[at]),
+        logprob=float(res.logprob[at]) if n is not None else None,
+        top_logprobs=[(int(t), float(p)) for t, p in zip(res.top_ids[at][:n], res.top_logprobs[at][:n])]
+        if n
+        else ([] if n == 0 else None),
+    )
