@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from scipy.stats import chi2_contingency
 from spec_utils import OracleDrafts, pattern
+from test_e2e_demo import Limited
 
 from dsv4_jax.config import preset
 from dsv4_jax.engine import EngineConfig, LLMEngine
@@ -63,23 +64,8 @@ def runner(k: int, vocab: int = 512, max_batch: int = 4):
     )
 
 
-class View:
-    """A runner seen through other limits (fewer blocks: preemption)."""
-
-    def __init__(self, r, **limits):
-        import dataclasses
-
-        self.runner, self.limits = r, dataclasses.replace(r.limits, **limits)
-
-    def execute(self, plan):
-        return self.runner.execute(plan)
-
-    def forget(self, seq_id):
-        self.runner.forget(seq_id)
-
-
 def engine(r, strategy="recompute", depth=0, **limits):
-    r = View(r, **limits) if limits else r
+    r = Limited(r, **limits) if limits else r
     cfg = EngineConfig(
         block_tokens=BT,
         swa_strategy=strategy,
