@@ -25,16 +25,17 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 # and XLA:CPU compiles on one thread, so on CI's two cores they run in two lanes at once
 # (lane A's output is printed when both are done; either lane failing fails the target).
 SPLIT := tests/engine tests/kernels tests/server tests/sharding tests/test_decode_state.py
-# Lane B's third process (balances the lanes: ~6 min of MTP tests that would make lane A ~21 min)
-LANE_B_TOO := tests/engine/test_speculative.py
+# Lane B's third process (balances the lanes: ~6 min of MTP tests and ~4 min of constrained-decoding
+# tests on the demo and 8 fake devices that would make lane A ~25 min)
+LANE_B_TOO := tests/engine/test_speculative.py tests/engine/test_constrained.py tests/sharding/test_constrained_on_mesh.py
 LANE_A_LOG := .pytest-lane-a.log
 TMP_A := $(or $(TMPDIR),/tmp)/dsv4-pytest-lane-a
 TMP_B := $(or $(TMPDIR),/tmp)/dsv4-pytest-lane-b
 test: $(TEST_STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	@( $(PY) -m pytest -q --durations=10 --basetemp=$(TMP_A) tests/engine tests/kernels --ignore=$(LANE_B_TOO) && \
-		$(PY) -m pytest -q --durations=10 --basetemp=$(TMP_A) tests/server tests/sharding tests/test_decode_state.py ) \
+	@( $(PY) -m pytest -q --durations=10 --basetemp=$(TMP_A) tests/engine tests/kernels $(addprefix --ignore=,$(LANE_B_TOO)) && \
+		$(PY) -m pytest -q --durations=10 --basetemp=$(TMP_A) tests/server tests/sharding tests/test_decode_state.py $(addprefix --ignore=,$(LANE_B_TOO)) ) \
 		> $(LANE_A_LOG) 2>&1 & lane_a=$$!; \
 	( $(PY) -m pytest -q --durations=10 --basetemp=$(TMP_B) tests $(addprefix --ignore=,$(SPLIT)) && \
 		$(PY) -m pytest -q --durations=10 --basetemp=$(TMP_B) $(LANE_B_TOO) ); lane_b=$$?; \

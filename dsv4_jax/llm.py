@@ -49,6 +49,9 @@ class Output:
     stop_reason: int | str | None  # the stop token id or stop string, if one ended it
     logprobs: list[TokenLogprobs] | None  # per token (logprob, top [(id, logprob)]) if params.logprobs
     metrics: RequestMetrics  # arrival / first token / finish times, per-token times
+    # per prompt token (the first None): its logprob given the tokens before it, and the top
+    # alternatives, if params.prompt_logprobs (teacher forcing; max_tokens=0 only scores)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 # One streaming delta (``token_ids``, ``text``, ``logprobs`` since the previous one, ``finished``,
@@ -285,6 +288,7 @@ class LLM:
             stop_reason=last.stop_reason,
             logprobs=None if last.logprobs is None else [x for o in outs for x in o.logprobs],
             metrics=last.metrics,
+            prompt_logprobs=req.prompt_logprobs,
         )
 
     def stats(self) -> dict:

@@ -274,3 +274,88 @@ def test_one_trace_for_any_parameter_mix():
         fn(logits, sa, z, z > 0, num_logprobs=2)
     assert len(traces) == 1
     assert isinstance(sa, SamplingArrays)
+
+
+# ----------------------------------------------------------------------------- bias and grammar masks
+def pack_mask(allowed: np.ndarray) -> np.ndarray:
+    """bool[B,V] → i32[B,W]: bit t % 32 of word t // 32, llguidance's layout."""
+    B, v = allowed.shape
+    bits = np.zeros((B, -(-v // 32) * 32), np.uint8)
+    bits[:, :v] = allowed
+    return np.packbits(bits.reshape(B, -1, 32), axis=-1, bitorder="little").view(np.int32).reshape(B, -1)
+
+
+def run_masked(logits, params, allowed, seeds=None, indices=None):
+    B = len(params)
+    sa = sampling_arrays(params, seeds or [0] * B, indices or [0] * B, B, allow=pack_mask(allowed))
+    z = np.zeros(np.shape(logits), np.int32)
+    return jax.tree.map(
+        np.asarray, _sample(np.asarray(logits, np.float32), sa, z, z.astype(bool), num_logprobs=0)
+    )
+
+
+def test_bitmask_unpacks_to_exactly_the_allowed_tokens():
+    from dsv4_jax.engine.runner.sampling import allowed as unpack
+
+    rng = np.random.default_rng(0)
+    for v in (16, 33, 1024, 1006):
+        a = rng.random((3, v)) < 0.3
+        np.testing.assert_array_equal(np.asarray(unpack(jnp.asarray(pack_mask(a)), v)), a)
+
+
+def test_masked_sampling_draws_only_allowed_tokens_in_proportion():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=V).astype(np.float32) * 2
+    allowed = rng.random(V) < 0.4
+    allowed[np.argmax(logits)] = False  # the free argmax is forbidden
+    params = [SamplingParams(temperature=0.8, top_p=0.9)] * N_DRAWS
+    out = run_masked(
+        np.tile(logits, (N_DRAWS, 1)),
+        params,
+        np.tile(allowed, (N_DRAWS, 1)),
+        [5] * N_DRAWS,
+        list(range(N_DRAWS)),
+    )
+    assert set(out.tokens.tolist()) <= set(np.flatnonzero(allowed).tolist())
+    assert_matches(out.tokens, ref_probs(np.where(allowed, logits, -np.inf), 0.8, top_p=0.9))
+    greedy = run_masked(logits[None], [SamplingParams(temperature=0.0)], allowed[None])
+    assert greedy.tokens[0] == np.flatnonzero(allowed)[np.argmax(logits[allowed])]
+    # logprobs stay the raw model's
+    np.testing.assert_allclose(
+        greedy.logprob[0], logits[greedy.tokens[0]] - np.logaddexp.reduce(logits), rtol=1e-5
+    )
+
+
+def test_logit_bias_is_added_to_its_row_only():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(3, V)).astype(np.float32)
+    params = [
+        SamplingParams(temperature=0.0, logit_bias=((3, 100.0),)),
+        SamplingParams(temperature=0.0, logit_bias=((int(np.argmax(logits[1])), -100.0), (0, 0.5))),
+        SamplingParams(temperature=0.0),
+    ]
+    out = run(logits, params)
+    biased = logits[1].copy()
+    biased[np.argmax(logits[1])] -= 100
+    biased[0] += 0.5
+    assert out.tokens.tolist() == [3, int(np.argmax(biased)), int(np.argmax(logits[2]))]
+    # the padded bias width is fixed: every mix of biases shares one program
+    sa = sampling_arrays(params, [0] * 3, [0] * 3, 4)
+    assert sa.bias_ids.shape == (4, SamplingParams.MAX_LOGIT_BIAS)
+    assert sampling_arrays([SamplingParams()], [0], [0], 1).bias_ids.shape == (1, 0)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(logit_bias=((5, 101.0),)), "outside"),
+        (dict(logit_bias=((5, 1.0), (5, 2.0))), "twice"),
+        (dict(logit_bias=tuple((i, 1.0) for i in range(301))), "at most 300"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(prompt_logprobs=21), "prompt_logprobs"),
+    ],
+)
+def test_sampling_params_refuse_bad_bias_and_scoring_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)
+    SamplingParams(max_tokens=0, prompt_logprobs=0)  # scoring only is fine

@@ -129,6 +129,7 @@ class LLMEngine:
         self._ids = itertools.count()  # request ids when the caller gives none
         self._seq_ids = itertools.count()  # FCFS order
         self._rng = random.Random(config.seed)
+        self._grammars = None  # constraints.GrammarCompiler, built by the first grammar
         self.num_steps = 0
         self.num_prompt_tokens = 0  # tokens fed as prefill (incl. replays and recomputes)
         self.num_generated_tokens = 0
@@ -169,6 +170,9 @@ class LLMEngine:
             raise RequestRefused(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
         if params.stop and self.tokenizer is None:
             raise RequestRefused("stop strings need a tokenizer (use stop_token_ids)")
+        if bad := [t for t, _ in params.logit_bias if t >= V]:
+            raise RequestRefused(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {V})")
+        constraint = self._compile(params.grammar) if params.grammar is not None else None
         if len(ids) >= self.max_model_len:
             raise RequestRefused(
                 f"the prompt has {len(ids)} tokens; the context limit is {self.max_model_len} tokens "
@@ -193,11 +197,28 @@ class LLMEngine:
             metrics=RequestMetrics(time.monotonic() if arrival is None else arrival),
             detokenizer=None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer),
             stop_checker=StopChecker(params.stop),
+            constraint=constraint,
+            prompt_logprobs=[None] * len(ids) if params.prompt_logprobs is not None else None,
         )
         seq = Sequence(seq_id=next(self._seq_ids), request=req, tokens=list(ids))
         self._requests[rid], self._seqs[rid] = req, seq
         self.scheduler.add(seq)
         return rid
+
+    def _compile(self, grammar: str):
+        """``SamplingParams.grammar`` → a ``Constraint`` (compiled against this engine's tokenizer)."""
+        if self.tokenizer is None:
+            raise RequestRefused("a grammar needs the engine's tokenizer")
+        from dsv4_jax.engine import constraints  # llguidance loads only when a grammar is used
+
+        if self._grammars is None:
+            self._grammars = constraints.GrammarCompiler(
+                self.tokenizer, self.limits.vocab_size, self.limits.eos_token_id
+            )
+        try:
+            return self._grammars.compile(grammar)
+        except constraints.GrammarError as e:
+            raise RequestRefused(f"the grammar does not compile: {e}") from None
 
     def abort(self, request_id: str, error: Exception | None = None) -> bool:
         """Cancel a request: its slot, blocks and queue place are freed now; its final output
@@ -271,10 +292,17 @@ class LLMEngine:
             for sc in scheduled:
                 if not sc.decode:
                     self.num_prompt_tokens += len(sc.work.tokens)
+                req = sc.seq.request
+                if req.prompt_logprobs is not None and (o := samples.get(sc.seq.seq_id)) is not None:
+                    self._record_prompt_logprobs(req, o.prompt_logprobs)
                 if not sc.work.sample:
                     continue
                 if sc.seq.seq_id not in samples:
                     raise RuntimeError(f"the runner returned no sample for sequence {sc.seq.seq_id}")
+                if req.sampling.max_tokens == 0:  # scoring only: the prompt is done, nothing to generate
+                    self._finish(sc.seq, FinishReason.LENGTH)
+                    outputs.append(self._output(req))
+                    continue
                 out = samples[sc.seq.seq_id]
                 self._count_drafts(sc.seq.request, sc.work.num_drafts, len(out.accepted))
                 emitted = out.emitted
@@ -285,6 +313,16 @@ class LLMEngine:
                 sc.seq.num_new, sc.seq.drafts = i + 1, list(out.drafts)
                 outputs.append(self._output(sc.seq.request))
         return outputs
+
+    @staticmethod
+    def _record_prompt_logprobs(req: Request, got) -> None:
+        """Store a chunk's prompt logprobs by position (a recompute replay's again: kept once)."""
+        if got is None:
+            return
+        first, entries = got
+        for p, e in enumerate(entries, start=first):
+            if req.prompt_logprobs[p] is None:
+                req.prompt_logprobs[p] = e
 
     def _count_drafts(self, req: Request, drafts: int, accepted: int) -> None:
         """Acceptance counters of a verify step: per request (``RequestMetrics``) and engine-wide."""
@@ -308,6 +346,9 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, out: SampleOut, now: float) -> None:
         req, sp, tok = seq.request, seq.request.sampling, int(out.token)
+        eos = tok == self.limits.eos_token_id
+        if req.constraint is not None and not eos and not req.constraint.accept(tok):
+            raise RuntimeError(f"request {req.request_id}: sampled token {tok} violates its grammar")
         seq.tokens.append(tok)
         req.output_token_ids.append(tok)
         self.num_generated_tokens += 1
@@ -318,7 +359,7 @@ class LLMEngine:
         if req.logprobs is not None:
             req.logprobs.append((out.logprob, out.top_logprobs))
         reason = None
-        if tok == self.limits.eos_token_id and not sp.ignore_eos:
+        if eos and (not sp.ignore_eos or req.constraint is not None):  # a grammar allows EOS only at its end
             reason = FinishReason.STOP
         elif tok in sp.stop_token_ids:
             reason, req.stop_reason = FinishReason.STOP, tok
@@ -365,6 +406,7 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens or 0,
             error=req.error,
             metrics=req.metrics,
+            prompt_logprobs=req.prompt_logprobs if (out or done) else None,
         )
 
     # ------------------------------------------------------------------ state and counters

@@ -37,3 +37,6 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache on its first admission
     error: Exception | None = None  # why the caller aborted it (``LLMEngine.abort(error=...)``), if it said
     metrics: RequestMetrics | None = None  # the request's timestamps (complete once finished)
+    # ``SamplingParams.prompt_logprobs``: one entry per prompt token (the first None), on every
+    # output from the first one that carries tokens or finishes
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -120,6 +120,11 @@ class Request:
     stop_checker: StopChecker = dataclasses.field(default_factory=lambda: StopChecker(()), repr=False)
     num_emitted_tokens: int = 0
     num_emitted_chars: int = 0
+    # ``sampling.grammar`` compiled (engine/constraints.py): advanced by each emitted token
+    constraint: object | None = dataclasses.field(default=None, repr=False)
+    # ``sampling.prompt_logprobs``: entry p scores prompt token p (entry 0 is None: nothing
+    # precedes it); filled as the prompt's chunks run, complete before the first token
+    prompt_logprobs: list | None = None
 
     @property
     def finished(self) -> bool:

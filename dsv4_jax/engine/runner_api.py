@@ -71,6 +71,9 @@ class SeqWork:
     num_drafts: int = 0
     want_drafts: int = 0
     next_token: int | None = None
+    # Grammar-constrained sampling (engine/constraints.py): on a work that samples, the
+    # request's ``Constraint``; the runner asks it for the token mask of this sample.
+    constraint: object | None = None
 
     @property
     def num_known(self) -> int:
@@ -92,6 +95,11 @@ class SampleOut:
     # ``token`` (each with its own logprobs), and the drafts proposed for the next step.
     accepted: list[SampleOut] = dataclasses.field(default_factory=list)
     drafts: list[int] = dataclasses.field(default_factory=list)
+    # ``sampling.prompt_logprobs``: for the prompt positions ``start+1 .. start+len(tokens)``
+    # of this work that exist, (first position, [(logprob, top)]): each prompt token's logprob
+    # given the tokens before it. A work that does not sample gets a ``SampleOut`` only to
+    # carry these; its ``token`` is then -1.
+    prompt_logprobs: tuple[int, list] | None = None
 
     @property
     def emitted(self) -> list[SampleOut]:
@@ -149,5 +157,6 @@ class ModelRunner(Protocol):
     limits: RunnerLimits
 
     def execute(self, plan: StepPlan) -> dict[int, SampleOut]:
-        """Run one step; returns a sample for every work with ``sample=True``, keyed by seq_id."""
+        """Run one step; returns a sample for every work with ``sample=True``, keyed by seq_id
+        (and an entry carrying ``prompt_logprobs`` for a prompt chunk that asked for them)."""
         ...

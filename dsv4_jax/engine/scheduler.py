@@ -203,6 +203,8 @@ class Scheduler:
         budget, the context limit (a draft's position must exist) and ``max_tokens`` (a step
         emits at most drafts + 1 tokens)."""
         req = seq.request
+        if not _may_draft(req):
+            return 0
         room = min(
             budget - seq.num_remaining,
             self.max_model_len - len(seq.tokens),
@@ -256,9 +258,10 @@ class Scheduler:
             num_drafts=len(drafts),
             # drafts past max_tokens would never be emitted (this step emits at least one token)
             want_drafts=min(want, max(0, req.sampling.max_tokens - len(req.output_token_ids) - 2))
-            if sample
+            if sample and _may_draft(req)
             else 0,
             next_token=None if sample else seq.tokens[end],
+            constraint=req.constraint if sample else None,
         )
         return Scheduled(seq, work, end, snap, seq.is_decoding)
 
@@ -275,7 +278,9 @@ class Scheduler:
         n = len(seq.tokens)
         total = cdiv(min(n + 1, self.max_model_len), self.bt)  # the prompt + the first decode position
         hits: list[CacheEntry] = []
-        if self.cache is not None:
+        # prompt logprobs need every prompt position's logits: no hit until they are all computed
+        scoring = seq.request.sampling.prompt_logprobs is not None and not seq.request.output_token_ids
+        if self.cache is not None and not scoring:
             k = (n - 1) // self.bt  # never the block holding the last token
             hits = self.cache.match(extend_keys(seq.block_keys, seq.tokens, self.bt, k)[:k])
         shard, hits, reason = self._place(hits, total)
@@ -348,3 +353,9 @@ class Scheduler:
             if sc.snapshot is not None:
                 entry = self.cache.get(seq.block_keys[sc.end // self.bt - 1])
                 self.cache.counters.saved_snapshots += self.bm.attach_snapshot(sc.snapshot, entry)
+
+
+def _may_draft(req) -> bool:
+    """MTP drafts for this request: not under a grammar (a draft's mask would need the grammar
+    advanced by unverified tokens) nor with prompt logprobs (its chunks take the plain path)."""
+    return req.constraint is None and req.sampling.prompt_logprobs is None

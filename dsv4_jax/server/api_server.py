@@ -14,7 +14,7 @@ deltas. Handlers are async and never touch the engine: only queues cross the thr
 boundary. A client that goes away (disconnect mid-stream, or while a non-streaming
 request runs) aborts its engine requests, which frees their slots and blocks at once.
 
-The endpoint logic lives in ``serving.py``; this module is the app: routes, auth, error
+The endpoint logic lives in ``serving.py`` (completions, shared steps) and ``chat.py``; this module is the app: routes, auth, error
 handlers.
 """
 
@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dsv4_jax.server import serving
+from dsv4_jax.server import chat, serving
 from dsv4_jax.server.engine_thread import AsyncEngine
 from dsv4_jax.server.metrics import ServerMetrics
 from dsv4_jax.server.protocol import APIError
@@ -51,6 +51,10 @@ class ServerState:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
 
 
 def build_app(state: ServerState, stop_engine_on_shutdown: bool = True) -> FastAPI:
@@ -138,6 +142,6 @@ def build_app(state: ServerState, stop_engine_on_shutdown: bool = True) -> FastA
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(request: Request):
-        return await serving.chat_completions(state, request)
+        return await chat.chat_completions(state, request)
 
     return app

@@ -88,6 +88,7 @@ class AsyncEngine:
         self.profiler = profiler  # dsv4_jax.engine.runner.profiler.StepProfiler or None
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.limits.vocab_size
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
         self._ids = 0

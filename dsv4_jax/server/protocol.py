@@ -26,6 +26,24 @@ from dsv4_jax.engine.sampling_params import SamplingParams
 
 MAX_N = 128  # choices per prompt (OpenAI's own cap)
 MAX_BATCH_PROMPTS = 1024  # prompts in one /v1/completions call
+MAX_STOP = 4  # stop sequences (OpenAI: "up to 4 sequences")
+MAX_JSON_DEPTH = 64  # nesting of a request body (a schema or a tool's parameters included)
+MAX_TOP_LOGPROBS = 20  # chat top_logprobs and completions logprobs (SamplingParams.MAX_LOGPROBS)
+# OpenAI's documented ranges, [low, high] (None: unbounded); exclusive lows listed apart
+RANGES = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "min_p": (0.0, 1.0),
+    "repetition_penalty": (0.0, None),
+    "top_logprobs": (0, MAX_TOP_LOGPROBS),
+    "prompt_logprobs": (0, MAX_TOP_LOGPROBS),
+    "max_tokens": (1, None),
+    "max_completion_tokens": (1, None),
+    "top_k": (-1, None),
+}
+EXCLUSIVE_LOW = {"top_p", "repetition_penalty"}
 
 
 class APIError(Exception):
@@ -76,6 +94,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    prompt_logprobs: int | None = None  # vLLM's: logprobs of the prompt tokens (teacher forcing)
 
 
 class CompletionRequest(_Sampling):
@@ -88,7 +107,7 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "latest_reminder"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     reasoning_content: str | None = None  # an earlier turn's thinking: accepted, dropped (ARCHITECTURE §9)
@@ -118,10 +137,29 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _too_deep(obj: Any) -> str | None:
+    """The top-level field under which ``obj`` nests deeper than ``MAX_JSON_DEPTH`` (iterative:
+    the check itself must not recurse), or None."""
+    stack = [(v, 1, k) for k, v in obj.items()]
+    while stack:
+        v, d, top = stack.pop()
+        if d > MAX_JSON_DEPTH:
+            return top
+        if isinstance(v, dict):
+            stack.extend((x, d + 1, top) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1, top) for x in v)
+    return None
+
+
 def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     """Raw request body → validated model, or ``APIError(400)`` naming the offending field."""
     try:
         obj = json.loads(raw, parse_constant=_reject_constant)  # NaN / Infinity are not JSON
+    except RecursionError:
+        raise APIError(
+            400, f"The request body nests deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json"
+        ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(
             400, f"We could not parse the JSON body of your request ({e}).", code="invalid_json"
@@ -129,6 +167,13 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     if not isinstance(obj, dict):
         raise APIError(
             400, f"The request body must be a JSON object, got {type(obj).__name__}.", code="invalid_json"
+        )
+    if (top := _too_deep(obj)) is not None:
+        raise APIError(
+            400,
+            f"Invalid value for '{top}': nested deeper than {MAX_JSON_DEPTH} levels.",
+            param=top,
+            code="invalid_value",
         )
     try:
         return model.model_validate(obj)
@@ -155,10 +200,82 @@ def unsupported(param: str, why: str = "is not supported by this server") -> API
     return APIError(400, f"'{param}' {why}.", param=param, code="unsupported_parameter")
 
 
+def _range_error(name: str, v) -> APIError:
+    lo, hi = RANGES[name]
+    if hi is None:
+        want = f"> {lo}" if name in EXCLUSIVE_LOW else f">= {lo}"
+    else:
+        want = f"in ({lo}, {hi}]" if name in EXCLUSIVE_LOW else f"in [{lo}, {hi}]"
+    return APIError(
+        400, f"Invalid value for '{name}': {v} (must be {want}).", param=name, code="invalid_value"
+    )
+
+
+def check_ranges(req: BaseModel) -> None:
+    """OpenAI's documented ranges (``RANGES``): a 400 naming the parameter, as OpenAI answers.
+    ``max_tokens=0`` is allowed with ``echo`` (score the prompt only, as evaluation harnesses do)."""
+    for name, (lo, hi) in RANGES.items():
+        v = getattr(req, name, None)
+        if v is None or (name == "max_tokens" and v == 0 and getattr(req, "echo", False)):
+            continue
+        low_ok = v > lo if name in EXCLUSIVE_LOW else v >= lo
+        if not low_ok or (hi is not None and v > hi):
+            raise _range_error(name, v)
+
+
+def logit_bias(req: _Sampling, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` ({"token id": bias}) → ``SamplingParams.logit_bias``."""
+    if not req.logit_bias:
+        return ()
+    if len(req.logit_bias) > SamplingParams.MAX_LOGIT_BIAS:
+        raise APIError(
+            400,
+            f"Invalid value for 'logit_bias': {len(req.logit_bias)} entries; at most "
+            f"{SamplingParams.MAX_LOGIT_BIAS}.",
+            param="logit_bias",
+            code="invalid_value",
+        )
+    out: dict[int, float] = {}
+    for key, bias in req.logit_bias.items():
+        try:
+            tid = int(key)
+        except ValueError:
+            tid = -1
+        if not (key.strip().isdigit() and 0 <= tid < vocab_size):
+            raise APIError(
+                400,
+                f"Invalid key in 'logit_bias': {key!r} is not a token id in [0, {vocab_size}).",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        if not (math.isfinite(bias) and -100 <= bias <= 100):
+            raise APIError(
+                400,
+                f"Invalid value in 'logit_bias' for token {key}: {bias} (must be in [-100, 100]).",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        if tid in out:
+            raise APIError(
+                400, f"'logit_bias' names token {tid} twice.", param="logit_bias", code="invalid_value"
+            )
+        out[tid] = float(bias)
+    return tuple(out.items())
+
+
 def check_common(req: _Sampling) -> None:
-    """Parameters we accept syntactically but cannot honour: a clear 400 instead of ignoring them."""
-    if req.logit_bias:
-        raise unsupported("logit_bias")
+    """Ranges, counts and combinations OpenAI rejects: a clear 400 instead of a surprise."""
+    check_ranges(req)
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stops) > MAX_STOP:
+        raise APIError(
+            400, f"Invalid value for 'stop': {len(stops)} sequences; at most {MAX_STOP}.", param="stop",
+            code="invalid_value",
+        )  # fmt: skip
+    if any(not x for x in stops):
+        raise APIError(
+            400, "Invalid value for 'stop': empty stop sequence.", param="stop", code="invalid_value"
+        )
     if not 1 <= req.n <= MAX_N:
         raise APIError(
             400, f"'n' must be between 1 and {MAX_N}, got {req.n}.", param="n", code="invalid_value"
@@ -179,11 +296,25 @@ def check_common(req: _Sampling) -> None:
 
 
 def sampling_params(
-    req: _Sampling, max_tokens: int, logprobs: int | None, seed_offset: int = 0
+    req: _Sampling,
+    max_tokens: int,
+    logprobs: int | None,
+    seed_offset: int = 0,
+    *,
+    bias: tuple = (),
+    grammar: str | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """The engine's ``SamplingParams``; its validation errors (``SamplingParams.<field>: ...``)
     become a 400 naming the OpenAI parameter."""
-    kw: dict[str, Any] = {"max_tokens": max_tokens, "ignore_eos": req.ignore_eos, "logprobs": logprobs}
+    kw: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "ignore_eos": req.ignore_eos,
+        "logprobs": logprobs,
+        "logit_bias": bias,
+        "grammar": grammar,
+        "prompt_logprobs": prompt_logprobs,
+    }
     for name in (
         "temperature",
         "top_p",
@@ -206,7 +337,7 @@ def sampling_params(
     except ValueError as e:
         msg = str(e)
         field = msg.split(":", 1)[0].removeprefix("SamplingParams.")
-        param = {"logprobs": "logprobs"}.get(field, field)
+        param = field
         raise APIError(
             400, msg.replace("SamplingParams.", "", 1), param=param, code="invalid_value"
         ) from None
@@ -254,17 +385,41 @@ def sse(obj: dict | str) -> bytes:
 
 
 def completion_logprobs(tokenizer, token_ids: list[int], entries: list, offset: int) -> dict:
-    """OpenAI's legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    """OpenAI's legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset.
+    An entry None (the first prompt token under ``echo``: nothing precedes it) gives nulls."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for tid, (lp, top) in zip(token_ids, entries):
+    for tid, e in zip(token_ids, entries):
         s = tokenizer.decode([tid]) if tokenizer is not None else str(tid)
         out["tokens"].append(s)
-        out["token_logprobs"].append(lp)
+        out["token_logprobs"].append(None if e is None else e[0])
         out["top_logprobs"].append(
-            {(tokenizer.decode([t]) if tokenizer else str(t)): p for t, p in (top or [])}
+            None
+            if e is None
+            else {(tokenizer.decode([t]) if tokenizer else str(t)): p for t, p in (e[1] or [])}
         )
         out["text_offset"].append(offset)
         offset += len(s)
+    return out
+
+
+def prompt_logprobs_body(tokenizer, prompt_ids: list[int], entries: list | None) -> list | None:
+    """vLLM's ``prompt_logprobs`` shape: per prompt token None (the first) or
+    ``{token id: {"logprob", "decoded_token"}}`` for the token itself and its top alternatives."""
+    if entries is None:
+        return None
+
+    def one(t, p):
+        return {"logprob": p, "decoded_token": tokenizer.decode([t]) if tokenizer is not None else str(t)}
+
+    out: list = []
+    for tid, e in zip(prompt_ids, entries):
+        if e is None:
+            out.append(None)
+            continue
+        d = {str(tid): one(tid, e[0])}
+        for t, p in e[1] or []:
+            d.setdefault(str(t), one(t, p))
+        out.append(d)
     return out
 
 

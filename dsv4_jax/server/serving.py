@@ -1,4 +1,4 @@
-"""The two generation endpoints: request → engine requests → OpenAI response or SSE stream.
+"""``/v1/completions`` and the steps both generation endpoints share (chat: ``chat.py``).
 
 Both endpoints fan a call out to one engine request per (prompt, choice): OpenAI's
 completions take a batch of prompts, and ``n`` asks for several choices of each (choice
@@ -28,7 +28,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from dsv4_jax.engine.output import RequestOutput
-from dsv4_jax.server import encoding
 from dsv4_jax.server import protocol as P
 from dsv4_jax.server.engine_thread import RequestStream
 
@@ -147,6 +146,14 @@ def first_error(deltas: list[list[RequestOutput]]) -> P.APIError | None:
     return next((ds[-1].error for ds in deltas if ds and ds[-1].error is not None), None)
 
 
+async def finished(request: Request, state, streams: list[RequestStream]) -> list[list[RequestOutput]] | None:
+    """``collect``, raising the first request's error (the server stopped it) as the response."""
+    deltas = await collect(request, state, streams)
+    if deltas is not None and (err := first_error(deltas)) is not None:
+        raise err
+    return deltas
+
+
 def sse_response(gen) -> StreamingResponse:
     return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -156,45 +163,65 @@ async def completions(state, request: Request) -> Response:
     req = P.parse_body(await request.body(), P.CompletionRequest)
     check_model(state, req.model)
     P.check_common(req)
-    if req.echo:
-        raise P.unsupported("echo")
     if req.suffix:
         raise P.unsupported("suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise P.unsupported("best_of", "must equal n (or be omitted)")
+    if req.logprobs is not None and not 0 <= req.logprobs <= P.MAX_TOP_LOGPROBS:
+        raise P.APIError(
+            400, f"Invalid value for 'logprobs': {req.logprobs} (must be in [0, {P.MAX_TOP_LOGPROBS}]).",
+            param="logprobs", code="invalid_value",
+        )  # fmt: skip
     p = req.prompt
     batch = p if isinstance(p, list) and p and not isinstance(p[0], int) else [p]
     if len(batch) > P.MAX_BATCH_PROMPTS:
         raise P.APIError(400, f"At most {P.MAX_BATCH_PROMPTS} prompts per request.", param="prompt")
     prompts = [await tokenize(state, x) if isinstance(x, str) else list(x) for x in batch]
     max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default for completions
+    # echo + logprobs: the prompt tokens' logprobs too (teacher forcing), as OpenAI returns them
+    # (max_tokens 0 with echo: the engine only scores the prompt, which needs prompt logprobs)
+    plp = req.prompt_logprobs
+    if req.echo and (req.logprobs is not None or max_tokens == 0):
+        plp = max(plp or 0, req.logprobs or 0)
+    bias = P.logit_bias(req, state.vocab_size)
     jobs = []
     for ids in prompts:
         check_context(state, len(ids), max_tokens, "prompt")
-        jobs += [(ids, P.sampling_params(req, max_tokens, req.logprobs, k)) for k in range(req.n)]
+        jobs += [
+            (ids, P.sampling_params(req, max_tokens, req.logprobs, k, bias=bias, prompt_logprobs=plp))
+            for k in range(req.n)
+        ]
     streams = await submit(state, jobs)
     rid, model, n_prompt = P.new_id("cmpl"), state.model_name, sum(map(len, prompts))
     tok = state.tokenizer
+    prompt_of = [prompts[i // req.n] for i in range(len(streams))]
+    echo_text = [_decode(tok, ids) if req.echo else "" for ids in prompt_of]
 
-    def choice(i, text, d_or_none, ids, lps, offset, finish):
+    def choice(i, text, d_or_none, ids, lps, offset, finish, first=False, plps=None):
         c = {"index": i, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        if first and req.echo:
+            c["text"] = echo_text[i] + text
         if req.logprobs is not None and lps is not None:
+            if first and req.echo:
+                ids, lps = prompt_of[i] + list(ids), list(plps or [None] * len(prompt_of[i])) + list(lps)
             c["logprobs"] = P.completion_logprobs(tok, ids, lps, offset)
+        if req.prompt_logprobs is not None and first:
+            c["prompt_logprobs"] = P.prompt_logprobs_body(tok, prompt_of[i], plps)
         if finish is not None and d_or_none is not None:
             c["stop_reason"] = d_or_none.stop_reason
         return c
 
     if not req.stream:
-        deltas = await collect(request, state, streams)
+        deltas = await finished(request, state, streams)
         if deltas is None:
             return Response(status_code=499)
-        if (err := first_error(deltas)) is not None:
-            raise err
         choices, n_out = [], 0
         for i, ds in enumerate(deltas):
             ids = [t for d in ds for t in d.token_ids]
             lps = [x for d in ds for x in (d.logprobs or [])]
-            choices.append(choice(i, "".join(d.text for d in ds), ds[-1], ids, lps, 0, ds[-1].finish_reason))
+            text = "".join(d.text for d in ds)
+            plps = ds[-1].prompt_logprobs
+            choices.append(choice(i, text, ds[-1], ids, lps, 0, ds[-1].finish_reason, True, plps))
             n_out += ds[-1].num_output_tokens
         return JSONResponse(P.completion_body(rid, model, choices, P.usage(n_prompt, n_out)))
 
@@ -202,6 +229,7 @@ async def completions(state, request: Request) -> Response:
 
     async def events():
         offsets, n_out, left = [0] * len(streams), 0, len(streams)
+        first = [True] * len(streams)
         try:
             async for i, d in merged(streams):
                 if d.error is not None:
@@ -211,9 +239,11 @@ async def completions(state, request: Request) -> Response:
                 left -= d.finished
                 n_out += d.num_output_tokens if d.finished else 0
                 c = choice(
-                    i, d.text, d, d.token_ids, d.logprobs, offsets[i], d.finish_reason if d.finished else None
-                )
-                offsets[i] += len(d.text)
+                    i, d.text, d, d.token_ids, d.logprobs, offsets[i], d.finish_reason if d.finished else None,
+                    first[i], d.prompt_logprobs,
+                )  # fmt: skip
+                offsets[i] += len(c["text"])
+                first[i] = False
                 use = P.usage(n_prompt, n_out) if left == 0 and not include_usage else None
                 yield P.sse(P.completion_body(rid, model, [c], use))
             if include_usage:
@@ -225,105 +255,5 @@ async def completions(state, request: Request) -> Response:
     return sse_response(events())
 
 
-# ----------------------------------------------------------------------------- /v1/chat/completions
-async def chat_completions(state, request: Request) -> Response:
-    req = P.parse_body(await request.body(), P.ChatCompletionRequest)
-    check_model(state, req.model)
-    P.check_common(req)
-    if req.tools or req.functions:
-        raise P.unsupported(
-            "tools" if req.tools else "functions", "(tool calling) is not supported by this server"
-        )
-    for name in ("tool_choice", "function_call"):
-        if getattr(req, name) not in (None, "none"):
-            raise P.unsupported(name)
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise P.unsupported("response_format", "other than {'type': 'text'} is not supported by this server")
-    if req.top_logprobs is not None and not req.logprobs:
-        raise P.APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
-    try:
-        thinking = encoding.thinking_requested(req.chat_template_kwargs, req.reasoning_effort)
-    except encoding.EncodingError as e:
-        raise P.APIError(400, str(e), param="chat_template_kwargs") from None
-    try:
-        text = encoding.render([m.model_dump() for m in req.messages], thinking=thinking)
-    except encoding.EncodingError as e:
-        raise P.APIError(400, str(e), param="messages") from None
-    ids = await tokenize(state, text)
-    mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    check_context(state, len(ids), mt, "messages")
-    max_tokens = state.max_model_len - len(ids) if mt is None else mt
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    streams = await submit(
-        state, [(ids, P.sampling_params(req, max_tokens, logprobs, k)) for k in range(req.n)]
-    )
-    rid, model, tok = P.new_id("chatcmpl"), state.model_name, state.tokenizer
-
-    if not req.stream:
-        deltas = await collect(request, state, streams)
-        if deltas is None:
-            return Response(status_code=499)
-        if (err := first_error(deltas)) is not None:
-            raise err
-        choices, n_out = [], 0
-        for i, ds in enumerate(deltas):
-            out = "".join(d.text for d in ds)
-            reasoning, content = encoding.split_reasoning(out) if thinking else (None, out)
-            msg = {"role": "assistant", "content": content, "reasoning_content": reasoning}
-            lp = None
-            if logprobs is not None:
-                lp = P.chat_logprobs(
-                    tok, [t for d in ds for t in d.token_ids], [x for d in ds for x in (d.logprobs or [])]
-                )
-            choices.append(
-                {
-                    "index": i,
-                    "message": msg,
-                    "logprobs": lp,
-                    "finish_reason": ds[-1].finish_reason,
-                    "stop_reason": ds[-1].stop_reason,
-                }
-            )
-            n_out += ds[-1].num_output_tokens
-        return JSONResponse(P.chat_body(rid, model, choices, P.usage(len(ids), n_out)))
-
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    async def events():
-        splitters = [encoding.ReasoningSplitter() if thinking else None for _ in streams]
-        n_out, left = 0, len(streams)
-
-        def chunk(i, delta, finish=None, lp=None, use=None, stop_reason=None):
-            c = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
-            if finish is not None:
-                c["stop_reason"] = stop_reason
-            return P.sse(P.chat_body(rid, model, [c], use, chunk=True))
-
-        try:
-            for i in range(len(streams)):
-                yield chunk(i, {"role": "assistant", "content": ""})
-            async for i, d in merged(streams):
-                if d.error is not None:
-                    yield P.sse(d.error.body())
-                r, c = splitters[i].feed(d.text) if thinking else ("", d.text)
-                if d.finished and thinking:
-                    r2, c2 = splitters[i].flush()
-                    r, c = r + r2, c + c2
-                if d.token_ids or r or c:
-                    delta = {"reasoning_content": r} if r else {}
-                    if c or not r:
-                        delta["content"] = c
-                    lp = P.chat_logprobs(tok, d.token_ids, d.logprobs) if logprobs is not None else None
-                    yield chunk(i, delta, lp=lp)
-                if d.finished:
-                    left -= 1
-                    n_out += d.num_output_tokens
-                    use = P.usage(len(ids), n_out) if left == 0 and not include_usage else None
-                    yield chunk(i, {}, d.finish_reason, use=use, stop_reason=d.stop_reason)
-            if include_usage:
-                yield P.sse(P.chat_body(rid, model, [], P.usage(len(ids), n_out), chunk=True))
-            yield P.sse("[DONE]")
-        finally:
-            abort_unfinished(state, streams)
-
-    return sse_response(events())
+def _decode(tok, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=False) if tok is not None else ""

@@ -342,3 +342,84 @@ def test_metrics_export_speculative_decoding(tok):
     assert s["spec_acceptance_rate_per_position"] == [
         metric(text, f'dsv4_spec_decode_acceptance_rate_per_pos{{position="{j}"}}') for j in (1, 2)
     ]
+
+
+WEATHER = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+CALL = (
+    '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="{name}">\n'
+    '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n'
+    '<｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>\n'
+    "</｜DSML｜invoke>\n</｜DSML｜tool_calls>"
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_call_after_reasoning_without_end_think_is_parsed_and_streamed(tok, stream):
+    script = tok.encode("I should check." + CALL.format(name="get_weather")).ids + [1]
+    client, _ = make_client(fake_engine(tok, ScriptedRunner(script, limits=limits(max_blocks_per_seq=64, num_blocks=160))))
+    msgs = [{"role": "user", "content": "Weather?"}]
+    kw = dict(messages=msgs, tools=WEATHER, max_tokens=200, chat_template_kwargs={"thinking": True})
+    with client:
+        if not stream:
+            c = post(client, "/v1/chat/completions", **kw).json()["choices"][0]
+            assert (
+                c["finish_reason"] == "tool_calls" and c["message"]["reasoning_content"] == "I should check."
+            )
+            (call,) = c["message"]["tool_calls"]
+            assert call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+            assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "days": 3}
+            assert not c["message"]["content"]
+            return
+        events = sse_events(post(client, "/v1/chat/completions", stream=True, **kw))
+    deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    text = "".join(d.get("content") or "" for d in deltas) + "".join(
+        d.get("reasoning_content") or "" for d in deltas
+    )
+    assert "DSML" not in text and "<" not in text
+    frags = [tc["function"].get("arguments", "") for d in deltas for tc in d.get("tool_calls") or []]
+    assert json.loads("".join(frags)) == {"city": "Paris", "days": 3} and sum(map(bool, frags)) >= 3
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_truncated_and_unknown_tool_calls_fall_back_with_a_reason(tok):
+    cut = tok.encode(CALL.format(name="get_weather")).ids
+    client, _ = make_client(fake_engine(tok, ScriptedRunner(cut[:-12], limits=limits(max_blocks_per_seq=64, num_blocks=160))))
+    msgs = [{"role": "user", "content": "Weather?"}]
+    with client:
+        c = post(
+            client, "/v1/chat/completions", messages=msgs, tools=WEATHER, max_tokens=len(cut) - 12
+        ).json()
+        c = c["choices"][0]
+        assert c["finish_reason"] == "length" and "truncated" in c["stop_reason"]
+        assert c["message"].get("tool_calls") is None and "get_weather" in c["message"]["content"]
+    unknown = tok.encode(CALL.format(name="launch")).ids + [1]
+    client, _ = make_client(fake_engine(tok, ScriptedRunner(unknown, limits=limits(max_blocks_per_seq=64, num_blocks=160))))
+    with client:
+        c = post(client, "/v1/chat/completions", messages=msgs, tools=WEATHER, max_tokens=300).json()[
+            "choices"
+        ][0]
+        assert c["finish_reason"] == "stop" and c["message"].get("tool_calls") is None
+        assert 'invoke name="launch"' in c["message"]["content"] and "unknown function" in c["stop_reason"]
+
+
+def test_echo_returns_the_prompt_and_max_tokens_0_only_scores_it(api, tok):
+    client, _ = api
+    body = post(client, "/v1/completions", prompt="abc def", max_tokens=0, echo=True).json()
+    c = body["choices"][0]
+    assert (
+        c["text"] == "abc def" and c["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 0
+    )
+    body = post(client, "/v1/completions", prompt="abc def", max_tokens=2, echo=True, temperature=0).json()
+    assert body["choices"][0]["text"].startswith("abc def") and body["usage"]["completion_tokens"] == 2

@@ -12,6 +12,15 @@ from dsv4_jax.engine.sampling_params import SamplingParams
 from dsv4_jax.server.engine_thread import AsyncEngine
 
 MSGS = [{"role": "user", "content": "hi"}]
+
+
+def _deep(n: int) -> dict:
+    d: dict = {"type": "object"}
+    for _ in range(n):
+        d = {"type": "object", "properties": {"x": d}}
+    return d
+
+
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 
 BAD = [
@@ -50,48 +59,143 @@ BAD = [
     (C, {"prompt": "x", "n": 0}, 400, "n", "invalid_value"),
     (C, {"prompt": "x", "n": 1000}, 400, "n", "invalid_value"),
     (C, {"prompt": "x", "frobnicate": True}, 400, "frobnicate", "unrecognized_argument"),
-    (C, {"prompt": "x", "echo": True}, 400, "echo", "unsupported_parameter"),
     (C, {"prompt": "x", "suffix": "y"}, 400, "suffix", "unsupported_parameter"),
     (C, {"prompt": "x", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
-    (C, {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias", "unsupported_parameter"),
-    (C, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    # issue 21's validation table (docs/SERVING.md "Validation")
+    (C, {"prompt": "x", "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    (C, {"prompt": "x", "top_p": 1.5}, 400, "top_p", "invalid_value"),
+    (C, {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty", "invalid_value"),
+    (C, {"prompt": "x", "frequency_penalty": -2.5}, 400, "frequency_penalty", "invalid_value"),
+    (C, {"prompt": "x", "min_p": 1.5}, 400, "min_p", "invalid_value"),
+    (C, {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty", "invalid_value"),
+    (C, {"prompt": "x", "top_k": -2}, 400, "top_k", "invalid_value"),
+    (C, {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs", "invalid_value"),
+    (CHAT, {"messages": MSGS, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
+    (C, {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+    (C, {"prompt": "x", "stop": [""]}, 400, "stop", "invalid_value"),
+    (C, {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias", "invalid_value"),
+    (C, {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias", "invalid_value"),
+    (C, {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "logit_bias", "invalid_value"),
+    (C, {"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias", "invalid_value"),
     (
-        CHAT,
-        {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        C,
+        b'{"model": "demo", "prompt": "x", "user": ' + b"[" * 5000 + b"]" * 5000 + b"}",
         400,
-        "tools",
-        "unsupported_parameter",
+        None,
+        "invalid_json",
     ),
-    (CHAT, {"messages": MSGS, "tool_choice": "required"}, 400, "tool_choice", "unsupported_parameter"),
+    (C, {"prompt": "x", "logit_bias": {"5": 1}, "user": "u", "stop": [[[[1]]]]}, 400, "stop", "invalid_type"),
     (
         CHAT,
-        {"messages": MSGS, "response_format": {"type": "json_object"}},
+        {
+            "messages": MSGS,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": _deep(80)}},
+        },
         400,
         "response_format",
-        "unsupported_parameter",
+        "invalid_value",
     ),
+    (CHAT, {"messages": [{"role": "user"}]}, 400, "messages", "invalid_value"),
+    (CHAT, {"messages": [{"role": "system", "content": None}, *MSGS]}, 400, "messages", "invalid_value"),
+    # a tool message without a matching call
+    (
+        CHAT,
+        {
+            "messages": [
+                *MSGS,
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "b", "content": "r"},
+            ],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+        400,
+        "messages",
+        "invalid_value",
+    ),
+    # a schema llguidance cannot compile, a named function that does not exist
+    (
+        CHAT,
+        {
+            "messages": MSGS,
+            "tool_choice": "required",
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "strict": True,
+                        "parameters": {
+                            "type": "object",
+                            "properties": {"x": {"type": "integer", "minimum": "high"}},
+                        },
+                    },
+                }
+            ],
+        },
+        400,
+        "tools",
+        "invalid_value",
+    ),
+    (
+        CHAT,
+        {
+            "messages": MSGS,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "n", "schema": {"type": "nonsense"}},
+            },
+        },
+        400,
+        "response_format",
+        "invalid_value",
+    ),
+    (
+        CHAT,
+        {
+            "messages": MSGS,
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+        400,
+        "tool_choice",
+        "invalid_value",
+    ),
+    (C, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    (CHAT, {"messages": MSGS, "tool_choice": "required"}, 400, "tool_choice", "invalid_value"),  # no tools
+    (CHAT, {"messages": MSGS, "response_format": {"type": "xml"}}, 400, "response_format", "invalid_value"),
     (CHAT, {"messages": MSGS, "top_logprobs": 3}, 400, "top_logprobs", None),
     (
         CHAT,
         {"messages": MSGS, "chat_template_kwargs": {"thinking": "yes"}},
         400,
         "chat_template_kwargs",
-        None,
+        "invalid_value",
     ),
     (
         CHAT,
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
         400,
         "messages",
-        None,
+        "invalid_value",
     ),
-    (CHAT, {"messages": [{"role": "tool", "content": "r", "tool_call_id": "1"}]}, 400, "messages", None),
+    (
+        CHAT,
+        {"messages": [{"role": "tool", "content": "r", "tool_call_id": "1"}]},
+        400,
+        "messages",
+        "invalid_value",
+    ),
     (
         CHAT,
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         400,
         "messages",
-        None,
+        "invalid_value",
     ),
 ]
 

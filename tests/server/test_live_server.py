@@ -9,6 +9,7 @@ MTP speculative decoding runs at 2 drafts a step (``--speculative-tokens 2``, be
 profile's 3), so /metrics and the benchmark report its acceptance.
 """
 
+import contextlib
 import gzip
 import json
 import os
@@ -58,7 +59,6 @@ class Live:
 def live(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("live")
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")  # conftest's XLA_FLAGS (cheaper CPU compiles) carry over
     cmd = [
         sys.executable,
         str(ROOT / "scripts" / "serve.py"),
@@ -93,10 +93,19 @@ def live(tmp_path_factory):
         "--profile-steps",
         "3",
     ]
+    with running(cmd, port, tmp, 300) as proc:
+        yield Live(proc, port, tmp, tmp / "server.log")
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], port: int, tmp, wait_s: float):
+    """``cmd`` (a ``scripts/serve.py`` command line on ``port``) running until /health is 200,
+    its log in ``tmp/server.log``; killed on exit if still alive."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # conftest's XLA_FLAGS (cheaper CPU compiles) carry over
     with open(tmp / "server.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + wait_s
         while True:
             if proc.poll() is not None:
                 pytest.fail(
@@ -108,9 +117,11 @@ def live(tmp_path_factory):
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail("server not healthy after 300 s:\n" + (tmp / "server.log").read_text()[-3000:])
+                pytest.fail(
+                    f"server not healthy after {wait_s} s:\n" + (tmp / "server.log").read_text()[-3000:]
+                )
             time.sleep(0.5)
-        yield Live(proc, port, tmp, tmp / "server.log")
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()

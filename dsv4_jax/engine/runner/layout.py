@@ -112,14 +112,18 @@ class RunnerLayout:
     def pin(self, state, counts, pmask):
         """Inside the step: keep the outputs in the inputs' layout, so donation reuses the
         buffers and the next step's inputs match the compiled shardings."""
+        return self.pin_state(state), *self.pin_tables(counts, pmask)
+
+    def pin_state(self, state):
         if self.layout is None:
-            return state, counts, pmask
+            return state
+        return jax.lax.with_sharding_constraint(state, self.state_shardings(state))
+
+    def pin_tables(self, counts, pmask):
+        if self.layout is None:
+            return counts, pmask
         wsc = jax.lax.with_sharding_constraint
-        return (
-            wsc(state, self.state_shardings(state)),
-            wsc(counts, self.table_sharding(counts.shape)),
-            wsc(pmask, self.table_sharding(pmask.shape)),
-        )
+        return wsc(counts, self.table_sharding(counts.shape)), wsc(pmask, self.table_sharding(pmask.shape))
 
     def replicate(self, tree):
         """Inside the step: the sampled tokens and logprobs (a few numbers per row) on every

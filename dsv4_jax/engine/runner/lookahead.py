@@ -25,7 +25,8 @@ already). A sequence that finished leaves rows that the next owner of the slot o
 overwrites before reading them, as after any sequence; device order is program order, so
 the lookahead's writes land before those of any later step. What a lookahead may not touch,
 it is not dispatched for: works with penalties (their count tables would count the
-lookahead's token twice), replays and fresh works, a request's last token (``max_tokens``).
+lookahead's token twice), replays and fresh works, a request's last token (``max_tokens``),
+grammar-constrained works (the next mask needs the grammar advanced by the token being read back).
 
 Host-only (no jax): the runner holds the device results, opaque here.
 """
@@ -53,6 +54,7 @@ def _plain(w: SeqWork) -> bool:
         and sp.repetition_penalty == 1
         and not sp.presence_penalty
         and not sp.frequency_penalty
+        and w.constraint is None
     )
 
 

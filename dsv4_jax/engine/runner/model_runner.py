@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from dsv4_jax.config import Config
-from dsv4_jax.engine.runner import sampling, speculative
+from dsv4_jax.engine.runner import sampling, speculative, steps
 from dsv4_jax.engine.runner.layout import TABLE_DTYPES, RunnerLayout, tree_bytes
 from dsv4_jax.engine.runner.lookahead import Lookahead, continuation
 from dsv4_jax.engine.runner_api import RunnerLimits, SampleOut, SeqWork, StepPlan
@@ -51,8 +51,7 @@ from dsv4_jax.engine.sampling_params import SamplingParams
 from dsv4_jax.intmath import next_pow2
 from dsv4_jax.model import state as kvc
 from dsv4_jax.model.accounting import kv_bytes, mtp_window_bytes
-from dsv4_jax.model.transformer import ModelOptions, forward
-from dsv4_jax.parallel import slots as slot_tables
+from dsv4_jax.model.transformer import ModelOptions
 from dsv4_jax.parallel.rules import DEFAULT_RULES, Layout
 
 
@@ -138,7 +137,12 @@ class JaxModelRunner:
         self.compilations = 0
         self.lookahead = lookahead and not speculative_tokens  # a verify step's continuation is not known
         self.ahead = Lookahead()  # dispatched lookahead rows not taken yet (and used / dropped counts)
+        self._kw = dict(cfg=cfg, opts=opts, cache=self.cc, placement=self.placement)
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 2, 3), static_argnames=("num_logprobs",))
+        # Split at the logits (runner/steps.py): grammar masks are filled while the forward runs
+        self._logits = jax.jit(self._logits_impl, donate_argnums=(1,))
+        self._plp = jax.jit(self._plp_impl, donate_argnums=(1,), static_argnames=("num_top",))
+        self._sample = jax.jit(self._sample_impl, donate_argnums=(0, 1), static_argnames=("num_logprobs",))
         self._spec = jax.jit(self._spec_impl, donate_argnums=(1, 2, 3), static_argnames=("num_logprobs", "k"))
         # i32[b,1]: the sampled token of row take[i] of a step where mine[i], else base[i] (one dispatch)
         self._pick = jax.jit(
@@ -163,40 +167,26 @@ class JaxModelRunner:
         return range(shard * n, (shard + 1) * n)
 
     # ------------------------------------------------------------------ device functions
-    def _step_impl(
-        self, params, state, counts, pmask, tokens, positions, meta, sa, sample_mask, *, num_logprobs
-    ):
+    def _step_impl(self, params, state, counts, pmask, *batch, num_logprobs):
         self.compilations += 1  # runs at trace time only
-        logits, state = forward(
-            params,
-            tokens,
-            positions,
-            state,
-            meta,
-            cfg=self.cfg,
-            opts=self.opts,
-            cache=self.cc,
-            last_only=True,
+        return steps.fused(params, state, counts, pmask, *batch, num_logprobs=num_logprobs, **self._kw)
+
+    def _logits_impl(self, params, state, tokens, positions, meta):
+        self.compilations += 1
+        return steps.last_logits(params, state, tokens, positions, meta, **self._kw)
+
+    def _plp_impl(self, params, state, tokens, positions, meta, next_token, *, num_top):
+        self.compilations += 1
+        return steps.logits_and_prompt_logprobs(
+            params, state, tokens, positions, meta, next_token, num_top=num_top, **self._kw
         )
-        lay = self.opts.layout
-        res = sampling.sample(
-            logits[:, 0],
-            sa,
-            slot_tables.take_slot_rows(counts, meta.slots, lay),
-            slot_tables.take_slot_rows(pmask, meta.slots, lay),
-            num_logprobs=num_logprobs,
-        )
-        counts, pmask = slot_tables.scatter_slots(
-            sampling.update_counts,
-            (counts, pmask),
-            meta.slots,
-            res.tokens,
-            jnp.zeros_like(sample_mask),
-            sample_mask,
-            layout=lay,
-        )
-        state, counts, pmask = self.placement.pin(state, counts, pmask)
-        return self.placement.replicate(res), state, counts, pmask
+
+    def _sample_impl(self, counts, pmask, logits, slots, sa, sample_mask, *, num_logprobs):
+        self.compilations += 1
+        return steps.sample_rows(
+            counts, pmask, logits, slots, sa, sample_mask,
+            placement=self.placement, layout=self.opts.layout, num_logprobs=num_logprobs,
+        )  # fmt: skip
 
     def _spec_impl(self, params, state, counts, pmask, *batch, num_logprobs, k):
         self.compilations += 1  # runs at trace time only
@@ -223,10 +213,12 @@ class JaxModelRunner:
         results = []
         for res in {id(p.res): p.res for _, p in used}.values():  # rows computed by earlier lookahead steps
             mine = [(w, p.row) for w, p in used if p.res is res]
-            results.append(([w for w, _ in mine], ([r for _, r in mine], res)))
-        buckets: dict[int, list[SeqWork]] = {}  # decode rows (1), prefill chunks by length bucket
+            results.append(([w for w, _ in mine], ([r for _, r in mine], res, None)))
+        # decode rows (1), prefill chunks by length bucket; chunks with prompt logprobs apart
+        buckets: dict[tuple[int, bool], list[SeqWork]] = {}
         for w in rest:
-            buckets.setdefault(1 if len(w.tokens) == 1 else next_pow2(len(w.tokens), 8), []).append(w)
+            t = 1 if len(w.tokens) == 1 else next_pow2(len(w.tokens), 8)
+            buckets.setdefault((t, _scores_prompt(w)), []).append(w)
         for _, group in sorted(buckets.items()):
             results.append((group, self._run_group(group)))
         for w in works:  # after every row of the slot is written (a lookahead row: by an earlier step)
@@ -237,9 +229,13 @@ class JaxModelRunner:
         if self.lookahead:
             self._dispatch_ahead(results)
         out: dict[int, SampleOut] = {}
-        for group, (rows, res) in results:
-            res = jax.device_get(res)  # one transfer per group
+        for group, (rows, res, plp) in results:
+            res, plp = jax.device_get((res, plp))  # one transfer per group
             for i, w in zip(rows, group):
+                if plp is not None and w.sampling.prompt_logprobs is not None:
+                    entries = _prompt_logprobs(w, plp, i)
+                    if entries is not None and not w.sample:
+                        out[w.seq_id] = SampleOut(token=-1, prompt_logprobs=entries)
                 if not w.sample:
                     continue
                 if isinstance(res, speculative.SpecResult):
@@ -254,7 +250,9 @@ class JaxModelRunner:
                     continue
                 self._counted[w.seq_id] = w.start + len(w.tokens)
                 out[w.seq_id] = _sample_out(w, res, i)
-        self.ahead.expect({sid: o.token for sid, o in out.items()})
+                if plp is not None and w.sampling.prompt_logprobs is not None:
+                    out[w.seq_id].prompt_logprobs = _prompt_logprobs(w, plp, i)
+        self.ahead.expect({sid: o.token for sid, o in out.items() if o.token >= 0})
         return out
 
     def _dispatch_ahead(self, results) -> None:
@@ -286,13 +284,16 @@ class JaxModelRunner:
 
     def _run_group(self, group: list[SeqWork], tokens_on_device=None):
         """Dispatch one jitted step for ``group`` (all T = 1, or prefill chunks of one length
-        bucket); returns the rows and the sampled results (on device). ``tokens_on_device``
-        i32[b,1] replaces the works' tokens (a lookahead step's inputs, sampled by the step before)."""
+        bucket); returns the rows, the sampled results and the prompt logprobs (None unless a
+        work asked), on device. ``tokens_on_device`` i32[b,1] replaces the works' tokens (a
+        lookahead step's inputs, sampled by the step before)."""
         rows, b = self.placement.arrange(group, self.limits.max_batch)  # row of each work, batch size
         t = 1 if all(len(w.tokens) == 1 for w in group) else next_pow2(max(len(w.tokens) for w in group), 8)
         num_logprobs = SamplingParams.MAX_LOGPROBS if any(w.sampling.logprobs for w in group) else 0
         args = self._inputs(group, rows, b, t, tokens_on_device)
-        if self.limits.max_draft_tokens:
+        cons = [(i, w.constraint) for i, w in zip(rows, group) if w.sample and w.constraint is not None]
+        plp = [w for w in group if _scores_prompt(w)]
+        if self.limits.max_draft_tokens and not plp:
             k = max([w.num_drafts for w in group] + [w.want_drafts for w in group if w.sample])
             if k > self.limits.max_draft_tokens:
                 raise ValueError(
@@ -302,10 +303,40 @@ class JaxModelRunner:
             # at the runner's depth (rows use what they asked for), so the load-adaptive depth and
             # the end of a request never compile anything new mid-serving.
             k = self.limits.max_draft_tokens if k else 0
+            if cons:  # the verify samples inside the one call: masks before dispatch
+                args = self._with_masks(args, cons, b)
             res, self.state, self.counts, self.prompt_mask = self._spec(*args, num_logprobs=num_logprobs, k=k)
+            return rows, res, None
+        if not cons and not plp:
+            res, self.state, self.counts, self.prompt_mask = self._step(*args[:9], num_logprobs=num_logprobs)
+            return rows, res, None
+        # Split at the logits: dispatch the forward, fill the grammar masks on the host while
+        # it runs, then sample (runner/steps.py). Prompt logprobs ride on the same split.
+        params, state, counts, pmask, tokens, positions, meta, sa, sample_mask = args[:9]
+        out = None
+        if plp:
+            num_top = max(w.sampling.prompt_logprobs for w in plp)
+            logits, out, self.state = self._plp(
+                params, state, tokens, positions, meta, args[-1], num_top=num_top
+            )  # fmt: skip
         else:
-            res, self.state, self.counts, self.prompt_mask = self._step(*args, num_logprobs=num_logprobs)
-        return rows, res
+            logits, self.state = self._logits(params, state, tokens, positions, meta)
+        if cons:
+            sa = self._with_masks(args, cons, b)[7]
+        res, self.counts, self.prompt_mask = self._sample(
+            counts, pmask, logits, meta.slots, sa, sample_mask, num_logprobs=num_logprobs
+        )
+        return rows, res, out
+
+    def _with_masks(self, args: tuple, cons: list, b: int) -> tuple:
+        """``args`` with the sampling arrays' grammar bitmasks filled for the constrained rows
+        (``cons``: (row, constraint)); free rows allow every token."""
+        from dsv4_jax.engine import constraints  # llguidance loads only once a grammar is used
+
+        allow = np.full((b, sampling.mask_words(self.cfg.vocab_size)), -1, np.int32)
+        constraints.fill_masks(cons, allow)
+        sa = args[7]._replace(allow=self.placement.put_batch(allow))
+        return (*args[:7], sa, *args[8:])
 
     def _inputs(self, group, rows, b: int, t: int, tokens_on_device=None) -> tuple:
         """The jitted step's arguments for ``group`` in ``rows`` of a ``[b, t]`` step (rows of
@@ -343,7 +374,9 @@ class JaxModelRunner:
         meta = kvc.StepMeta(slots, table, lengths, state_start, cached_until, commit if spec else None)
         if tokens_on_device is not None:
             tokens = tokens_on_device
-        batch = (tokens, positions, meta, sa, sample_mask) + ((n_drafts, next_token) if spec else ())
+        batch = (tokens, positions, meta, sa, sample_mask) + (
+            (n_drafts, next_token) if spec else (next_token,)
+        )
         return (self.params, self.state, self.counts, self.prompt_mask, *self.placement.put_batch(batch))
 
     # ------------------------------------------------------------------ step shapes
@@ -383,7 +416,7 @@ class JaxModelRunner:
                 if self.limits.max_draft_tokens:  # without drafts, and at the runner's depth
                     lowered = [self._spec.lower(*args, num_logprobs=lp, k=k) for k in depths]
                 else:
-                    lowered = [self._step.lower(*args, num_logprobs=lp)]
+                    lowered = [self._step.lower(*args[:9], num_logprobs=lp)]
                 for low in lowered:
                     mem = low.compile().memory_analysis()
                     temps, n = max(temps, int(mem.temp_size_in_bytes) if mem is not None else 0), n + 1
@@ -441,6 +474,27 @@ class JaxModelRunner:
             "weights": tree_bytes(self.params),
             "kv": tree_bytes((self.state, self.snapshots, self.counts, self.prompt_mask)),
         }
+
+
+def _scores_prompt(w: SeqWork) -> bool:
+    """The work holds prompt positions whose next token's logprob its request asked for."""
+    return w.sampling.prompt_logprobs is not None and w.start + 1 < w.prompt_len
+
+
+def _prompt_logprobs(w: SeqWork, plp: steps.PromptLogprobs, i: int) -> tuple[int, list] | None:
+    """(first position, entries) of the prompt tokens after ``w``'s chunk positions: position
+    p's logits score the token at p + 1, which exists while p + 1 < ``prompt_len``."""
+    n = min(len(w.tokens), w.prompt_len - 1 - w.start)
+    if n <= 0:
+        return None
+    k = w.sampling.prompt_logprobs
+    return w.start + 1, [
+        (
+            float(plp.logprob[i, j]),
+            [(int(t), float(p)) for t, p in zip(plp.top_ids[i, j][:k], plp.top_logprobs[i, j][:k])],
+        )
+        for j in range(n)
+    ]
 
 
 def _sample_out(w: SeqWork, res, at) -> SampleOut:

@@ -7,7 +7,11 @@ Data flow for one step, ``B`` rows (sequences, padded), ``V`` vocab:
    logprob and the top-``n`` alternatives (``n = num_logprobs``, static).
 2. **Penalties** on the raw logits, in this order: repetition (tokens seen in the prompt or
    the output: ``x > 0 → x / r``, else ``x · r``), frequency (``− f · count_out``),
-   presence (``− p · [count_out > 0]``).
+   presence (``− p · [count_out > 0]``); then the request's **logit bias** (added, OpenAI's
+   semantics) and its **grammar mask** (tokens the grammar forbids become ``−inf``; the mask
+   is a bitmask, bit ``t % 32`` of word ``t // 32``, as llguidance fills it on the host).
+   Both are data, not code: a batch of any grammars and biases runs the same program; only
+   whether the batch has any (the arrays' widths, 0 or full) selects a variant.
 3. **Greedy** rows (``temperature == 0``) take ``argmax`` of the penalised logits, exactly,
    whatever the rest of the batch does; none of the steps below touch them.
 4. **Temperature** divides the penalised logits (after subtracting the row max, so a tiny
@@ -62,6 +66,9 @@ class SamplingArrays(NamedTuple):
     frequency_penalty: jax.Array  # f32[B]
     seed: jax.Array  # u32[B,2]: (seed >> 32, seed & 0xFFFFFFFF) = threefry key data
     sample_index: jax.Array  # i32[B]: tokens this request sampled before
+    bias_ids: jax.Array  # i32[B,NB]: logit-bias token ids (NB = 0: no row has a bias); padding id 0
+    bias_vals: jax.Array  # f32[B,NB]: their biases (padding 0)
+    allow: jax.Array  # i32[B,W]: grammar bitmask (W = 0: no row constrained; free rows all ones)
 
 
 class SampleResult(NamedTuple):
@@ -71,16 +78,25 @@ class SampleResult(NamedTuple):
     top_logprobs: jax.Array  # f32[B,n], raw distribution, descending
 
 
+def mask_words(vocab_size: int) -> int:
+    """Words of a row's grammar bitmask."""
+    return (vocab_size + 31) // 32
+
+
 def sampling_arrays(
     params: Sequence[SamplingParams],
     seeds: Sequence[int],
     sample_indices: Sequence[int],
     pad_to: int,
+    allow: np.ndarray | None = None,
 ) -> SamplingArrays:
     """Host-side (numpy) packing of ``len(params)`` rows, padded to ``pad_to`` rows.
 
     Padded rows are greedy with every penalty and filter off, so whatever logits the model
-    produces for padding, they stay finite and cost nothing but an argmax.
+    produces for padding, they stay finite and cost nothing but an argmax. ``allow``
+    i32[pad_to, W]: the grammar bitmasks (None: no row constrained). Logit biases are
+    padded to ``SamplingParams.MAX_LOGIT_BIAS`` entries when any row has one, so every
+    mix of biases shares one program.
     """
     n = len(params)
     if not len(seeds) == len(sample_indices) == n:
@@ -98,6 +114,11 @@ def sampling_arrays(
         if not 0 <= s < 2**64:
             raise ValueError(f"seed {s} must be in [0, 2**64)")
         seed_words[i] = (s >> 32, s & 0xFFFFFFFF)
+    nb = SamplingParams.MAX_LOGIT_BIAS if any(p.logit_bias for p in params) else 0
+    bias_ids, bias_vals = np.zeros((pad_to, nb), np.int32), np.zeros((pad_to, nb), np.float32)
+    for i, p in enumerate(params):
+        for j, (t, b) in enumerate(p.logit_bias):
+            bias_ids[i, j], bias_vals[i, j] = t, b
     return SamplingArrays(
         temperature=col((p.temperature for p in params), 0.0, np.float32),
         top_k=col((p.top_k for p in params), 0, np.int32),
@@ -108,7 +129,25 @@ def sampling_arrays(
         frequency_penalty=col((p.frequency_penalty for p in params), 0.0, np.float32),
         seed=seed_words,
         sample_index=col(sample_indices, 0, np.int32),
+        bias_ids=bias_ids,
+        bias_vals=bias_vals,
+        allow=np.zeros((pad_to, 0), np.int32) if allow is None else allow,
     )
+
+
+def allowed(allow: jax.Array, vocab: int) -> jax.Array:  # i32[B,W] -> bool[B,V]
+    """Unpack grammar bitmasks: token t is allowed iff bit t % 32 of word t // 32 is set."""
+    t = jnp.arange(vocab, dtype=jnp.int32)
+    return (jnp.right_shift(allow[:, t // 32], t % 32) & 1).astype(bool)
+
+
+def apply_bias_and_mask(x: jax.Array, sa: SamplingArrays) -> jax.Array:  # f32[B,V] -> f32[B,V]
+    """Add each row's logit bias, then forbid what its grammar forbids (module doc step 2)."""
+    if sa.bias_ids.shape[1]:
+        x = x.at[jnp.arange(x.shape[0])[:, None], sa.bias_ids].add(sa.bias_vals.astype(F32))
+    if sa.allow.shape[1]:
+        x = jnp.where(allowed(sa.allow, x.shape[1]), x, -jnp.inf)
+    return x
 
 
 def apply_penalties(
@@ -181,6 +220,7 @@ def sample(
     raw = logits.astype(F32)
     lse = jax.nn.logsumexp(raw, axis=-1)  # f32[B]
     x = apply_penalties(raw, sa, output_counts, prompt_mask)  # f32[B,V]
+    x = apply_bias_and_mask(x, sa)
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)  # i32[B]
     is_greedy = sa.temperature <= 0
     sampled = jax.lax.cond(jnp.all(is_greedy), lambda: greedy_tokens, lambda: _sample_filtered(x, sa))
