@@ -368,7 +368,9 @@ CALL = (
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_tool_call_after_reasoning_without_end_think_is_parsed_and_streamed(tok, stream):
     script = tok.encode("I should check." + CALL.format(name="get_weather")).ids + [1]
-    client, _ = make_client(fake_engine(tok, ScriptedRunner(script, limits=limits(max_blocks_per_seq=64, num_blocks=160))))
+    client, _ = make_client(
+        fake_engine(tok, ScriptedRunner(script, limits=limits(max_blocks_per_seq=64, num_blocks=160)))
+    )
     msgs = [{"role": "user", "content": "Weather?"}]
     kw = dict(messages=msgs, tools=WEATHER, max_tokens=200, chat_template_kwargs={"thinking": True})
     with client:
@@ -395,7 +397,9 @@ def test_a_tool_call_after_reasoning_without_end_think_is_parsed_and_streamed(to
 
 def test_truncated_and_unknown_tool_calls_fall_back_with_a_reason(tok):
     cut = tok.encode(CALL.format(name="get_weather")).ids
-    client, _ = make_client(fake_engine(tok, ScriptedRunner(cut[:-12], limits=limits(max_blocks_per_seq=64, num_blocks=160))))
+    client, _ = make_client(
+        fake_engine(tok, ScriptedRunner(cut[:-12], limits=limits(max_blocks_per_seq=64, num_blocks=160)))
+    )
     msgs = [{"role": "user", "content": "Weather?"}]
     with client:
         c = post(
@@ -405,7 +409,9 @@ def test_truncated_and_unknown_tool_calls_fall_back_with_a_reason(tok):
         assert c["finish_reason"] == "length" and "truncated" in c["stop_reason"]
         assert c["message"].get("tool_calls") is None and "get_weather" in c["message"]["content"]
     unknown = tok.encode(CALL.format(name="launch")).ids + [1]
-    client, _ = make_client(fake_engine(tok, ScriptedRunner(unknown, limits=limits(max_blocks_per_seq=64, num_blocks=160))))
+    client, _ = make_client(
+        fake_engine(tok, ScriptedRunner(unknown, limits=limits(max_blocks_per_seq=64, num_blocks=160)))
+    )
     with client:
         c = post(client, "/v1/chat/completions", messages=msgs, tools=WEATHER, max_tokens=300).json()[
             "choices"
