@@ -21,6 +21,11 @@ with up to ``--max-in-flight`` requests queued in the engine at once. Resuming: 
 in the output file (matched by ``id``, else by ``index``) are skipped, so rerunning the
 same command after an interruption finishes the rest; ``--overwrite`` starts over.
 
+Several hosts (``--coordinator HOST:PORT --num-processes N --process-id I`` on each, the same
+command otherwise): process 0 reads the input, schedules and writes the output; the others
+replay its steps over the global mesh (``engine/runner/lockstep.py``), so the output is the one a
+single process would write. If a process dies, process 0 exits with status 3; rerun to resume.
+
 This module sits beside ``llm.py`` and ``launch.py``, not in ``bench/``: it is offline serving
 (the server's engine without HTTP) that users run for its outputs, not a measurement.
 """
@@ -270,8 +275,13 @@ def run(args) -> int:
     """Build the engine from the model flags and generate every line of ``--input`` not yet done."""
     from dsv4_jax import launch
 
-    records = read_records(args.input)
     llm = launch.build_llm(args)
+    group = launch.join_group(llm) if args.coordinator is not None else None
+    if group is not None:
+        if not group.leader:
+            return group.follow()  # process 0 reads the input and writes the output
+        group.watch(_group_failed)
+    records = read_records(args.input)
     defaults = {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
@@ -297,7 +307,16 @@ def run(args) -> int:
     )
     if (line := spec_report(spec_before, spec_counters(llm.engine))) is not None:
         print(line)
+    if group is not None:
+        group.close()
     return 0
+
+
+def _group_failed(reason: str) -> None:
+    """Several processes: one died, hung or failed a step. The lines written so far stay
+    (rerunning the same command resumes); exit non-zero rather than wait in a collective."""
+    logging.error("the multi-host group lost a process (%s); rerun to resume", reason)
+    os._exit(3)
 
 
 def main(argv: list[str] | None = None):

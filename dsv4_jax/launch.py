@@ -135,7 +135,7 @@ def build_llm(args: argparse.Namespace):
         from dsv4_jax.parallel.mesh import mesh_from_args
         from dsv4_jax.parallel.rules import DEFAULT_RULES, Layout
 
-        kw["mesh"] = mesh_from_args(args)  # None with --coordinator alone: one device per process
+        kw["mesh"] = mesh_from_args(args)  # --coordinator alone: 'auto' over every process's devices
         if kw["mesh"] is not None:
             shards = Layout.create(kw["mesh"], DEFAULT_RULES).num_seq_shards
     setup_compile_cache(getattr(args, "compile_cache", None))
@@ -171,6 +171,15 @@ def build_llm(args: argparse.Namespace):
         llm.memory.describe(),
     )
     return llm
+
+
+def join_group(llm):
+    """Several processes (``--coordinator``): this one's part in the lockstep group over
+    ``llm``'s engine (``engine/runner/lockstep.Group``: process 0 leads, the others follow). Call it
+    before the first step, warm-up included."""
+    from dsv4_jax.engine.runner.lockstep import Group
+
+    return Group(llm.engine)
 
 
 def qat_arg(args: argparse.Namespace) -> bool | None:

@@ -1,5 +1,6 @@
 """Memory plan: bytes per device for weights and KV state, and the resulting capacity, for
-DeepSeek-V4 Flash and Pro on 8×H200, 8×B200 and 16×H200 (docs/MEMORY_PLAN.md).
+DeepSeek-V4 Flash and Pro on one node of 8 H200 or B200, and on 2×8 and 4×8 across hosts
+(docs/MEMORY_PLAN.md).
 
     python scripts/memory_plan.py                  # tables
     python scripts/memory_plan.py --json           # the same numbers as JSON

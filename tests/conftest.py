@@ -27,10 +27,21 @@ import jax
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # Every JaxModelRunner jits its own step, so two runners of the same shapes (most engine tests
-# build several) compile the same program twice. A compilation cache private to this pytest
-# process turns the second compile into a load; nothing outlives the process, so a run never
-# depends on an earlier one.
-_cache = tempfile.mkdtemp(prefix="dsv4-test-jax-cache-")
-atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+# build several) compile the same program twice. A compilation cache turns the second compile
+# into a load. `make test` creates one for the whole run, shared by its pytest processes and the
+# servers and workers they start (through the environment), and deletes it afterwards; a bare
+# pytest run gets one private to it. Nothing outlives the run, so a run never depends on an
+# earlier one.
+_cache = os.environ.get("DSV4_TEST_COMPILE_CACHE")
+if not _cache:
+    _cache = tempfile.mkdtemp(prefix="dsv4-test-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+# A size limit turns on JAX's file lock around every cache read and write; without it an entry
+# is written in place, and another process could read it half-written.
+_CACHE_MAX_BYTES = 50 * 2**30
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(_CACHE_MAX_BYTES)
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_compilation_cache_max_size", _CACHE_MAX_BYTES)

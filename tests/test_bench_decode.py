@@ -5,9 +5,12 @@ JSON with every figure."""
 import json
 import math
 
+import pytest
+
 from dsv4_jax.bench import decode as bench
 
 
+@pytest.mark.slow  # CI time (make test must stay under 25 min): in make test-slow
 def test_bench_decode_tiny_writes_json(tmp_path, capsys):
     ckpt = bench.build_checkpoint(str(tmp_path / "ckpt"), "tiny")
     assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()

@@ -3,9 +3,12 @@ what docs/PERF.md records, and float32 packed + Pallas serving equals the refere
 
 import json
 
+import pytest
+
 from dsv4_jax.bench import gpu_check
 
 
+@pytest.mark.slow  # CI time (make test must stay under 25 min): in make test-slow
 def test_gpu_check_tiny_runs_every_step(capsys):
     assert gpu_check.main(["--tiny", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)

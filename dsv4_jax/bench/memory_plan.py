@@ -1,5 +1,6 @@
 """Memory plan: bytes per device for weights and KV state, and the resulting capacity, for
-DeepSeek-V4 Flash and Pro on 8×H200, 8×B200 and 16×H200 (docs/MEMORY_PLAN.md).
+DeepSeek-V4 Flash and Pro on one node of 8 H200 or B200 and on 2 and 4 such nodes serving one
+model (docs/MEMORY_PLAN.md).
 
 Everything is derived from the config and the code that places arrays, never typed in:
 
@@ -41,7 +42,16 @@ from dsv4_jax.quant import QuantizedWeight
 
 GB = 1e9
 GPUS = {"H200": 141 * GB, "B200": 180 * GB}  # HBM per device (SERVING.md §3)
-CLUSTERS = [("8×H200", "H200", 8), ("8×B200", "B200", 8), ("16×H200", "H200", 16)]
+# One node of 8, and several (hosts × GPUs per host): the mesh is the same kind over all devices
+# (docs/SERVING.md "One model across hosts"), so the plan depends on the device count only.
+CLUSTERS = [
+    ("8×H200", "H200", 8),
+    ("8×B200", "B200", 8),
+    ("2×8 H200", "H200", 16),
+    ("4×8 H200", "H200", 32),
+    ("2×8 B200", "B200", 16),
+    ("4×8 B200", "B200", 32),
+]
 CONTEXTS = {"8K": 8192, "128K": 131072, "1M": 1 << 20}
 FORMATS = ("bf16", "fp8", "fp8-fp4")
 # Two rows of the rules table per cluster. "dp-attn" is DEFAULT_RULES; "tp-attn" is the
@@ -179,12 +189,20 @@ def plan(
     return row
 
 
-SERVE_CLUSTERS = [("8×B200", "B200", 8), ("8×H200", "H200", 8)]
+SERVE_CLUSTERS = [
+    ("8×B200", "B200", 8),
+    ("8×H200", "H200", 8),
+    ("2×8 B200", "B200", 16),
+    ("4×8 B200", "B200", 32),
+    ("2×8 H200", "H200", 16),
+    ("4×8 H200", "H200", 32),
+]
 SERVE_CONTEXTS = {"128K": 131072, "1M": 1 << 20}
 
 
 def serving_plans(mem_fraction: float = 0.9) -> list[dict]:
-    """What ``LLM(dir, profile=...)`` plans with ``--mesh auto`` on each 8-GPU node: packed
+    """What ``LLM(dir, profile=...)`` plans with ``--mesh auto`` on each 8-GPU node, and on
+    groups of 2 and 4 such nodes serving one model in lockstep (``--coordinator``): packed
     weights (``weights="auto"`` on GPU), the default rules (expert parallelism, sequences
     split over the devices), QAT's ``fp8-fp4`` KV, ``--max-model-len`` set to the context,
     ``memory.plan`` with the step temporaries' reserve (the server replaces it by the

@@ -94,15 +94,34 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host only)")
     parser.add_argument("--num-processes", type=int, default=None, help="number of processes (one per host)")
     parser.add_argument("--process-id", type=int, default=None, help="this process's index, 0-based")
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=HEARTBEAT_TIMEOUT_S,
+        help="multi-host: seconds without a heartbeat after which a process counts as dead "
+        "(an exited one counts at once); the group then fails",
+    )
+
+
+HEARTBEAT_TIMEOUT_S = 10
 
 
 def initialize_distributed(
-    coordinator: str | None, num_processes: int | None, process_id: int | None, timeout_s: int = 300
+    coordinator: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    timeout_s: int = 300,
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
 ) -> bool:
     """Join the multi-host runtime when a coordinator is given (returns whether it did).
 
     Must run before anything else touches jax. All processes pass the same coordinator
     address (process 0's host and a free port) and process count; each its own id.
+
+    The coordination service runs in its recoverable mode: by default it would terminate every
+    process the moment one dies, before process 0 could answer its clients; here process 0 sees
+    the loss (``lockstep.Watchdog``), fails the requests in flight and exits on its own terms.
+    Followers still end when process 0 does (the service lives in it).
     """
     if coordinator is None:
         return False
@@ -110,21 +129,34 @@ def initialize_distributed(
         raise ValueError("--coordinator needs --num-processes and --process-id")
     if not 0 <= process_id < num_processes:
         raise ValueError(f"--process-id {process_id} is not in [0, {num_processes})")
+    if heartbeat_timeout_s < 1:
+        raise ValueError(f"--heartbeat-timeout must be >= 1 second, got {heartbeat_timeout_s}")
+    jax.config.update("jax_enable_recoverability", True)
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=num_processes,
         process_id=process_id,
         initialization_timeout=timeout_s,
+        heartbeat_timeout_seconds=heartbeat_timeout_s,
     )
     return True
 
 
 def mesh_from_args(args: argparse.Namespace, cfg: Config | None = None) -> Mesh | None:
-    """Initialise the runtime if asked, then build and validate the mesh (``None``: one device)."""
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    if args.mesh is None:
-        return None
-    mesh = parse_mesh(args.mesh)
+    """Initialise the runtime if asked, then build and validate the mesh (``None``: one device;
+    with ``--coordinator`` and no ``--mesh``: ``auto`` over every process's devices)."""
+    initialize_distributed(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        heartbeat_timeout_s=getattr(args, "heartbeat_timeout", HEARTBEAT_TIMEOUT_S),
+    )
+    spec = args.mesh
+    if spec is None:
+        if args.coordinator is None:
+            return None
+        spec = "auto"  # one model over every process's devices (lockstep serving)
+    mesh = parse_mesh(spec)
     if cfg is not None:
         validate_for(mesh, cfg)
     return mesh

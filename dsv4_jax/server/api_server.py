@@ -1,9 +1,14 @@
 """The OpenAI-compatible HTTP API (FastAPI), bridged to the engine thread.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streaming as
-server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus). With an API key, ``/v1/*`` needs ``Authorization: Bearer
-<key>`` (401 otherwise); health and metrics stay open for probes and scrapers.
+server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (200 once
+warm; 503 while draining or if the engine thread died), ``GET /metrics`` (Prometheus), and
+for a router in front of replicas (``router_api.py``): ``GET /server_info`` (served model name,
+``dp_size`` 1, slots, pool tokens), ``GET /model_info`` (model type), ``GET /get_load``
+(running + waiting sequences and the positions they hold, SGLang's shape), plus the older
+``/get_server_info`` / ``/get_model_info`` names. With an API key, ``/v1/*`` and the router
+routes need ``Authorization: Bearer <key>`` (401 otherwise); health and metrics stay open for
+probes and scrapers.
 
 A request's path: parse and validate the body (``protocol.parse_body``: 400 naming the
 field) → check the model name (404) → tokenize (the chat endpoint renders DeepSeek-V4's
@@ -30,7 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dsv4_jax.server import chat, serving
+from dsv4_jax.server import chat, router_api, serving
 from dsv4_jax.server.engine_thread import AsyncEngine
 from dsv4_jax.server.metrics import ServerMetrics
 from dsv4_jax.server.protocol import APIError
@@ -135,6 +140,8 @@ def build_app(state: ServerState, stop_engine_on_shutdown: bool = True) -> FastA
             "max_model_len": state.max_model_len,
         }
         return {"object": "list", "data": [card]}
+
+    router_api.add_routes(app, state, v1)
 
     @app.post("/v1/completions", dependencies=v1)
     async def completions(request: Request):

@@ -12,6 +12,14 @@ answers 200 only on a warm server. SIGTERM / Ctrl-C: stop accepting connections,
 requests in flight finish for ``--shutdown-timeout`` seconds, then abort the rest (their
 clients get an error event saying the server is shutting down), exit 0. A second Ctrl-C
 exits at once.
+
+Several hosts (``--coordinator HOST:PORT --num-processes N --process-id I``, the same flags
+and checkpoint on every host): every process loads its share of the model over the global
+mesh (``--mesh``, default every device of every process, expert parallel); process 0 serves
+HTTP and runs the engine, the others replay its steps in lockstep (``engine/runner/lockstep.py``).
+If a process dies or hangs (``--heartbeat-timeout``), process 0 fails the requests in flight
+with 503, turns ``/health`` unhealthy and exits with status 3 about 2 s later; if process 0
+dies the others exit. SIGTERM on process 0 drains as above, then releases the others (exit 0).
 """
 
 from __future__ import annotations
@@ -74,21 +82,18 @@ def serve(args) -> int:
     from dsv4_jax.server.engine_thread import AsyncEngine
     from dsv4_jax.server.metrics import ServerMetrics
 
-    if args.coordinator is not None:
-        # Every process of a multi-host mesh must issue the same steps in the same order; one
-        # HTTP front end feeding every host's engine the same schedule is not built yet, and a
-        # server per host would deadlock on the first collective. Refuse rather than hang.
-        raise SystemExit(
-            "--coordinator: serve.py runs on one host (a --mesh over its devices); serving across "
-            "hosts needs the engines in lockstep, which is not implemented (docs/SERVING.md)"
-        )
     llm = launch.build_llm(args)
+    group = launch.join_group(llm) if args.coordinator is not None else None
+    if group is not None and not group.leader:
+        return group.follow()  # a follower serves nothing: it replays process 0's steps
     engine = llm.engine
     if not args.no_warmup:
         launch.warm_up(llm, args.warmup_shapes, args.warmup_max_batch, args.warmup_max_prefill)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
     metrics = ServerMetrics(name, launch.per_kind_bytes(llm))
     aengine = AsyncEngine(engine, metrics, launch.make_profiler(args, engine))
+    if group is not None:
+        group.watch(lambda reason: _group_failed(aengine, reason))
     state = ServerState(aengine, name, metrics, api_key=args.api_key or None)
     config = uvicorn.Config(
         build_app(state),
@@ -117,8 +122,34 @@ def serve(args) -> int:
     print(f"dsv4-jax: serving model '{name}' on http://{args.host}:{args.port}/v1", flush=True)
     Server(config).run()
     aengine.stop()
+    if group is not None:
+        group.close()  # after the drain: the followers exit 0
     logging.info("server stopped")
     return 0
+
+
+GROUP_FAILED_EXIT = 3  # exit status when a multi-host group lost a process
+GROUP_FAILED_GRACE_S = 2.0  # for the 503s to reach their clients before the exit
+
+
+def _group_failed(aengine, reason: str) -> None:
+    """A process of the multi-host group died, hung or failed a step: the group's decode state
+    is gone. Fail every request in flight with a 503, turn /health unhealthy, and exit non-zero
+    shortly after so a supervisor restarts the whole group (the engine thread may be blocked in
+    a collective for good, so nothing waits for it)."""
+    import threading
+
+    from dsv4_jax.server.protocol import APIError
+
+    aengine.fail_group(
+        APIError(
+            503,
+            f"The multi-host serving group lost a process ({reason}); the server is restarting.",
+            type="server_error",
+            code="group_failed",
+        )
+    )
+    threading.Timer(GROUP_FAILED_GRACE_S, os._exit, (GROUP_FAILED_EXIT,)).start()
 
 
 def main(argv: list[str] | None = None):

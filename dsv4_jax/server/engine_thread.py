@@ -17,7 +17,9 @@ loop is
 Failure containment: a refused request (``RequestRefused``: over the context or the pools;
 ``ValueError`` from its parameters) fails only its own stream, with a 400. An exception
 from ``step()`` fails the requests in flight (500, "engine error"), is logged, and the
-loop continues. ``begin_drain`` (graceful shutdown) refuses new requests, lets running
+loop continues. ``fail_group`` (any thread; a multi-host group lost a process, so no step will
+return) ends every request, in flight or queued, with the group's 503 and marks the engine
+dead without touching it. ``begin_drain`` (graceful shutdown) refuses new requests, lets running
 ones finish until the deadline, then aborts the rest with a reason the client is given.
 The server's reason for stopping a request is an ``APIError`` passed to
 ``LLMEngine.abort``, which hands it back on the request's final output (``error``).
@@ -98,6 +100,7 @@ class AsyncEngine:
         self.draining = False
         self._deadline: float | None = None
         self.dead: BaseException | None = None
+        self._failure: APIError | None = None  # fail_group's error
         lim = engine.limits
         self._extra = {
             "slots_total": lim.num_slots,
@@ -143,6 +146,29 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def fail_group(self, err: APIError) -> None:
+        """Any thread: the engine can no longer step (a multi-host group lost a process). Marks
+        it dead (``/health`` 503, new requests get ``err``) and ends every request in flight, and
+        every one waiting for admission, with ``err``. The engine thread may be blocked inside a
+        step for good, so this touches only the streams and the inbox, never the engine."""
+        self._failure = err
+        self.dead = RuntimeError(err.message)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "add":
+                item[1]._admit(err)
+        for _ in range(3):  # the engine thread may change the dict meanwhile
+            try:
+                streams = list(self._streams.items())
+                break
+            except RuntimeError:
+                streams = []
+        for rid, s in streams:
+            s._push(RequestOutput(rid, finished=True, finish_reason="abort", error=err))
+
     # ------------------------------------------------------------------ handler side (event loop)
     def new_id(self) -> str:
         with self._id_lock:
@@ -154,6 +180,8 @@ class AsyncEngine:
     ) -> RequestStream:
         """Submit a request; returns once the engine admitted it (queued counts), or raises
         ``APIError`` (400 for a refused request, 503 while shutting down)."""
+        if self._failure is not None:
+            raise self._failure
         if self.draining or not self.alive:
             raise APIError(
                 503,
@@ -231,7 +259,8 @@ class AsyncEngine:
                 if self.metrics is not None:
                     self.metrics.engine_errors.inc()
                 self._fail_all(
-                    APIError(500, f"engine error: {e!r}", type="server_error", code="engine_error")
+                    self._failure
+                    or APIError(500, f"engine error: {e!r}", type="server_error", code="engine_error")
                 )
                 continue
             # Snapshot before publishing: a handler that sees its request finish also sees the

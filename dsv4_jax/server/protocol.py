@@ -72,9 +72,17 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+# SGLang's request extensions that sglang-router writes, at these values, into every request it
+# forwards (docs/SERVING.md "Replicas behind a router"). Each value describes what this server
+# does anyway (stop strings trimmed, special tokens skipped, reasoning split out and streamed), so
+# it is accepted; any other value asks for behaviour the server lacks and is a 400.
+SGLANG_FIXED = {"no_stop_trim": False, "skip_special_tokens": True, "return_hidden_states": False}
+SGLANG_FIXED_CHAT = {"continue_final_message": False, "separate_reasoning": True, "stream_reasoning": True}
+
+
 class _Sampling(_Strict):
     """Fields both endpoints share. Beyond OpenAI's own: vLLM's ``top_k``, ``min_p``,
-    ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``."""
+    ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``; SGLang's ``SGLANG_FIXED``."""
 
     model: str
     max_tokens: int | None = None
@@ -95,6 +103,9 @@ class _Sampling(_Strict):
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     prompt_logprobs: int | None = None  # vLLM's: logprobs of the prompt tokens (teacher forcing)
+    no_stop_trim: bool = False
+    skip_special_tokens: bool = True
+    return_hidden_states: bool = False
 
 
 class CompletionRequest(_Sampling):
@@ -130,6 +141,9 @@ class ChatCompletionRequest(_Sampling):
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    continue_final_message: bool = False
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -280,6 +294,9 @@ def check_common(req: _Sampling) -> None:
         raise APIError(
             400, f"'n' must be between 1 and {MAX_N}, got {req.n}.", param="n", code="invalid_value"
         )
+    for name, want in (SGLANG_FIXED | SGLANG_FIXED_CHAT).items():
+        if getattr(req, name, want) != want:
+            raise unsupported(name, f"is supported only as {json.dumps(want)}")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options")
     for name in (

@@ -130,7 +130,15 @@ def test_mixed_batches_with_accepted_and_rejected_drafts_equal_each_request_alon
     assert len(per_pos) == K and all(n > 0 for n in per_pos)  # every draft position was accepted sometimes
 
 
-@pytest.mark.parametrize("strategy", ["full", "checkpoint", "recompute"])
+# checkpoint / recompute in make test-slow (CI time); full covers the hit with drafts in make test
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "full",
+        pytest.param("checkpoint", marks=pytest.mark.slow),
+        pytest.param("recompute", marks=pytest.mark.slow),
+    ],
+)
 def test_prefix_hits_with_drafts_equal_the_cold_run(strategy):
     a = toks(700, 10)
     long_hit = a[:650] + toks(30, 11)
@@ -179,6 +187,7 @@ def _keep_rejected_tail_rows(*args, commit=None, **kw):
     return _compress_chunk(*args, commit=None, **kw)  # the tail is cut after the drafts
 
 
+@pytest.mark.slow  # CI time (make test must stay under 25 min): in make test-slow
 @pytest.mark.parametrize("plant", ["ring", "tail"])
 def test_a_rejected_token_left_in_the_ring_or_a_tail_is_caught(monkeypatch, plant):
     """The checks above would catch a rollback bug: plant one and they fail."""

@@ -8,6 +8,7 @@ import json
 
 import llguidance
 import numpy as np
+import pytest
 from test_speculative_on_mesh import BT, DEMO, runner
 
 from dsv4_jax.checkpoint.tokenizer import load_tokenizer
@@ -52,15 +53,24 @@ def run(r, k=0):
     return [e.get_request(r) for r in rids]
 
 
-def test_constraints_bias_and_prompt_logprobs_on_8_devices_equal_one_device():
-    want = run(runner())
-    for k in (0, 3):
-        got = run(runner(parse_mesh("data=2,expert=4,tensor=1"), k=k), k=k)
-        for g, w in zip(got, want):
-            assert g.output_token_ids == w.output_token_ids
-            assert max(abs(a[0] - b[0]) for a, b in zip(g.logprobs, w.logprobs)) < 1e-3
-        assert got[1].output_token_ids == [7] * 12
-        assert set(json.loads(got[0].output_text)) == {"k", "n"}
-        gp, wp = got[3].prompt_logprobs, want[3].prompt_logprobs
-        assert gp[0] is None and len(gp) == 200
-        np.testing.assert_allclose([x[0] for x in gp[1:]], [x[0] for x in wp[1:]], atol=1e-3)
+@functools.cache
+def one_device():
+    return run(runner())
+
+
+# In make test-slow (CI time: make test must stay under 25 min). make test covers grammar masks,
+# bias and prompt logprobs on one device (tests/engine/test_constrained.py) and the mesh's steps
+# with the same split path (test_serving_on_mesh.py, test_speculative_on_mesh.py).
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [0, 3])
+def test_constraints_bias_and_prompt_logprobs_on_8_devices_equal_one_device(k):
+    want = one_device()
+    got = run(runner(parse_mesh("data=2,expert=4,tensor=1"), k=k), k=k)
+    for g, w in zip(got, want):
+        assert g.output_token_ids == w.output_token_ids
+        assert max(abs(a[0] - b[0]) for a, b in zip(g.logprobs, w.logprobs)) < 1e-3
+    assert got[1].output_token_ids == [7] * 12
+    assert set(json.loads(got[0].output_text)) == {"k", "n"}
+    gp, wp = got[3].prompt_logprobs, want[3].prompt_logprobs
+    assert gp[0] is None and len(gp) == 200
+    np.testing.assert_allclose([x[0] for x in gp[1:]], [x[0] for x in wp[1:]], atol=1e-3)

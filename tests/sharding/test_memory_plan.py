@@ -34,7 +34,7 @@ def test_weights_match_the_published_checkpoint(plan):
 
 def test_per_device_numbers_follow_from_the_layout(plan):
     rows = {(p["model"], p["cluster"], p["layout"]): p for p in plan["plans"]}
-    assert len(rows) == 2 * 3 * 2
+    assert len(rows) == 2 * 6 * 2  # models × (8×H200, 8×B200, 2×8 and 4×8 of each) × layouts
     for (model, cluster, layout), p in rows.items():
         w = plan["models"][model]["weights"]
         n = p["devices"]
@@ -82,7 +82,7 @@ def test_the_document_is_the_scripts_output():
 # ----------------------------------------------------------------------------- the server's plan
 def test_serving_plans_per_profile(plan):
     rows = {(r["model"], r["cluster"], r["profile"], r["context"]): r for r in plan["serving"]}
-    assert len(rows) == 2 * 2 * 3 * 2
+    assert len(rows) == 2 * 6 * 3 * 2  # Flash, Pro × 8 GPUs and 2×8, 4×8 (H200, B200) × profiles × contexts
     dp = {(p["model"], p["cluster"]): p for p in plan["plans"] if p["layout"] == "dp-attn"}
     for (model, cluster, profile, ctx), r in rows.items():
         if not r["fits"]:
@@ -96,6 +96,16 @@ def test_serving_plans_per_profile(plan):
     assert rows["flash", "8×B200", "long-context", "1M"]["seqs_budget_holds"] > 200
     assert not rows["pro", "8×H200", "balanced", "128K"]["fits"]  # Pro needs the tp-attn table there
     assert rows["pro", "8×B200", "long-context", "1M"]["fits"]
+    # Across hosts (issue 22): the experts split over more GPUs, the KV budget per GPU grows
+    weights = {
+        c: rows["pro", c, "long-context", "1M"]["plan"]["weights"] for c in ("8×B200", "2×8 B200", "4×8 B200")
+    }
+    assert weights["8×B200"] > weights["2×8 B200"] > weights["4×8 B200"]
+    holds = [
+        rows["pro", c, "long-context", "1M"]["seqs_budget_holds"] for c in ("8×B200", "2×8 B200", "4×8 B200")
+    ]
+    assert holds[0] < holds[1] < holds[2]
+    assert rows["pro", "2×8 H200", "long-context", "1M"]["fits"]  # where one H200 node does not
 
 
 @pytest.mark.parametrize(

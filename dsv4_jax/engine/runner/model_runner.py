@@ -149,6 +149,9 @@ class JaxModelRunner:
             lambda sampled, take, mine, base: jnp.where(mine[:, None], sampled[take][:, None], base)
         )
         self._restore, self._save = self.placement.restore_fn, self.placement.save_fn
+        # (cons, allow) -> None, filling grammar bitmasks; None: the constraints' own matchers.
+        # Multi-host lockstep (engine/runner/lockstep.py) publishes them from process 0 and reads them elsewhere.
+        self.fill_masks = None
         self._mark = self.placement.table_fn(sampling.update_counts)
         self._reset = self.placement.table_fn(sampling.reset_rows)
 
@@ -331,10 +334,13 @@ class JaxModelRunner:
     def _with_masks(self, args: tuple, cons: list, b: int) -> tuple:
         """``args`` with the sampling arrays' grammar bitmasks filled for the constrained rows
         (``cons``: (row, constraint)); free rows allow every token."""
-        from dsv4_jax.engine import constraints  # llguidance loads only once a grammar is used
-
         allow = np.full((b, sampling.mask_words(self.cfg.vocab_size)), -1, np.int32)
-        constraints.fill_masks(cons, allow)
+        if self.fill_masks is None:
+            from dsv4_jax.engine import constraints  # llguidance loads only once a grammar is used
+
+            constraints.fill_masks(cons, allow)
+        else:
+            self.fill_masks(cons, allow)
         sa = args[7]._replace(allow=self.placement.put_batch(allow))
         return (*args[:7], sa, *args[8:])
 
