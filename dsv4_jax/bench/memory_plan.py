@@ -189,14 +189,7 @@ def plan(
     return row
 
 
-SERVE_CLUSTERS = [
-    ("8×B200", "B200", 8),
-    ("8×H200", "H200", 8),
-    ("2×8 B200", "B200", 16),
-    ("4×8 B200", "B200", 32),
-    ("2×8 H200", "H200", 16),
-    ("4×8 H200", "H200", 32),
-]
+SERVE_CLUSTERS = CLUSTERS  # the server's plan on every cluster the tables above cover
 SERVE_CONTEXTS = {"128K": 131072, "1M": 1 << 20}
 
 
